@@ -1,0 +1,59 @@
+"""What every invertible layer shares: parameters, gradients, and checks on its input.
+
+The layer contract (DESIGN.md)::
+
+    y, logdet = layer.forward(x)     # x: (B, C, H, W); logdet: (B,), log|det dy/dx| per sample
+    x = layer.inverse(y)             # exact inverse, up to float rounding
+    dx = layer.backward(dy, dlogdet) # uses what forward cached; adds into layer.grads
+
+``params`` maps a name to an array; ``grads`` has the same keys and shapes and is accumulated
+with ``+=`` by ``backward`` and zeroed by the optimizer (``zero_grad``).
+"""
+import numpy as np
+
+from ..backend import get_array_module
+
+
+class Layer:
+    """Base class: holds ``params`` and ``grads`` and validates inputs."""
+
+    def __init__(self):
+        self.params = {}
+        self.grads = {}
+
+    def zero_grad(self):
+        for name, param in self.params.items():
+            self.grads[name] = get_array_module(param).zeros_like(param)
+
+    def state(self):
+        """Non-parameter state saved in checkpoints (ActNorm's flag, ...). None here."""
+        return {}
+
+    def load_state(self, state):
+        pass
+
+    def __repr__(self):
+        shapes = ", ".join(f"{name}{tuple(p.shape)}" for name, p in self.params.items())
+        return f"{type(self).__name__}({shapes})"
+
+
+def check_images(x, name="x", channels=None, finite=True):
+    """Raise a clear error unless ``x`` is a floating (B, C, H, W) array, none of it empty.
+
+    ``channels``: the channel count the layer's weights expect (None: any).
+    ``finite``: also refuse NaN and Inf values, which would spread silently through a flow.
+    """
+    if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"{name} must have 4 dimensions (batch, channels, height, width), "
+                         f"got shape {tuple(x.shape)}")
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+    B, C, H, W = x.shape
+    if B == 0 or C == 0 or H == 0 or W == 0:
+        raise ValueError(f"{name} has an empty dimension: shape {tuple(x.shape)}")
+    if channels is not None and C != channels:
+        raise ValueError(f"{name} has {C} channels but the layer was built for {channels}")
+    if finite and not bool(get_array_module(x).isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
