@@ -1,0 +1,217 @@
+"""InvConv: the masked k×k invertible convolution of FInC / CInC Flow, and the FInC unit.
+
+Shapes: x, y (B, C, H, W). Weight W (C, C, k, k), W[co, ci, a, b].
+
+Top-left form: pad the input with k-1 zeros on the top and on the left and convolve::
+
+    y[n, co, i, j] = sum_{ci, a, b} W[co, ci, a, b] * x[n, ci, i-(k-1)+a, j-(k-1)+b]
+
+Output pixel (i, j) sees only input pixels (i', j') with i' <= i and j' <= j. The last tap
+a = b = k-1 couples a pixel to itself; we mask its C×C block to be lower triangular with the
+diagonal fixed to 1 (FInC) or to exp(s_c) with a learned s (CInC). Ordering pixels by i + j, the
+Jacobian is then triangular with that diagonal on every pixel::
+
+    logdet = H * W * sum_c s_c        (0 without a learned diagonal)
+
+and the inverse is a wavefront solve: anti-diagonal after anti-diagonal (i + j = 0, 1, ...,
+H+W-2), every pixel of one anti-diagonal in parallel.
+
+The other corners (top-right, bottom-left, bottom-right padding) are the top-left form applied to
+the input flipped along the matching axes, with the output flipped back; one kernel serves all.
+
+The mask is applied inside forward, inverse and backward: whatever values ``params`` hold, the
+layer is invertible, and masked entries get exactly zero gradient. Learnable entries:
+(k²-1)·C² + C(C-1)/2, plus C with the learned diagonal.
+
+Internally the layer works on groups: G sets of channels, each with its own corner and weight,
+all solved in the same anti-diagonal sweep. InvConv is one group; FInCUnit (finc.py) is four.
+"""
+import numpy as np
+
+from .. import kernels
+from ..backend import default_array_module, get_array_module
+from .base import Layer, check_images
+
+CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+# (flip rows, flip columns) that turn each corner into the top-left form
+_FLIPS = {"top-left": (False, False), "top-right": (False, True),
+          "bottom-left": (True, False), "bottom-right": (True, True)}
+INIT_STD = 0.1  # std of the initial weights is INIT_STD / sqrt(k·k·C): the layer starts near identity
+
+
+def self_tap_mask(C, k, xp=np):
+    """(C, C, k, k) mask: 1 everywhere except the self-tap's diagonal and upper triangle."""
+    mask = xp.ones((C, C, k, k))
+    mask[:, :, k - 1, k - 1] = xp.tril(xp.ones((C, C)), -1)
+    return mask
+
+
+class GroupedMaskedConv(Layer):
+    """G masked convolutions side by side on G equal channel groups, one corner each.
+
+    params: "weight" (G, Cg, Cg, k, k); with ``learn_diag`` also "log_diag" (G, Cg).
+    Weights are created on first use from the input's channel count when ``channels`` is None.
+    """
+
+    def __init__(self, k, corners, channels=None, learn_diag=False, dtype=None, seed=0):
+        super().__init__()
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"kernel size k must be a positive integer, got {k!r}")
+        for corner in corners:
+            if corner not in CORNERS:
+                raise ValueError(f"unknown corner {corner!r}: choose one of {CORNERS}")
+        self.k = int(k)
+        self.corners = tuple(corners)
+        self.learn_diag = learn_diag
+        self.dtype = None if dtype is None else np.dtype(dtype)
+        self.seed = seed
+        self.channels = None
+        if channels is not None:
+            self._build(channels, default_array_module(), self.dtype or np.float32)
+
+    # ---- parameters ---------------------------------------------------------------------
+    def _build(self, channels, xp, dtype):
+        G, k = len(self.corners), self.k
+        if channels < 1 or channels % G:
+            raise ValueError(f"{type(self).__name__} needs a channel count divisible by {G}, "
+                             f"got {channels}")
+        Cg = channels // G
+        rng = np.random.default_rng(self.seed)
+        weight = rng.standard_normal((G, Cg, Cg, k, k)) * INIT_STD / np.sqrt(k * k * Cg)
+        self.channels = channels
+        self.params = {"weight": xp.asarray(weight, dtype=dtype)}
+        if self.learn_diag:
+            self.params["log_diag"] = xp.zeros((G, Cg), dtype=dtype)
+        self._mask = xp.asarray(self_tap_mask(Cg, k), dtype=dtype)
+        self.zero_grad()
+
+    def _grouped(self, arrays):
+        """The group-axis views of "weight" and "log_diag" (identity here; InvConv adds G=1)."""
+        return arrays["weight"], arrays.get("log_diag")
+
+    def effective_weight(self, dtype=None):
+        """W ⊙ mask with the self-tap diagonal set to 1 or exp(s): (G, Cg, Cg, k, k)."""
+        weight, log_diag = self._grouped(self.params)
+        xp = get_array_module(weight)
+        w = weight * self._mask
+        G, Cg = w.shape[:2]
+        diag = xp.ones((G, Cg), dtype=w.dtype) if log_diag is None else xp.exp(log_diag)
+        idx = xp.arange(Cg)
+        w[:, idx, idx, self.k - 1, self.k - 1] = diag
+        return w if dtype is None else w.astype(dtype)
+
+    def _kernel_weight(self, dtype):
+        """The effective weight in the kernels' layout (G, k, k, C_in, C_out), contiguous."""
+        w = self.effective_weight(dtype)
+        return get_array_module(w).ascontiguousarray(w.transpose(0, 3, 4, 2, 1))
+
+    # ---- layout: (B, C, H, W) <-> (G, B, H, W, Cg) in top-left form ---------------------
+    def _to_groups(self, x):
+        xp = get_array_module(x)
+        B, C, H, W = x.shape
+        G = len(self.corners)
+        x = x.reshape(B, G, C // G, H, W).transpose(1, 0, 3, 4, 2)
+        out = xp.empty(x.shape, dtype=x.dtype)
+        for g, corner in enumerate(self.corners):
+            flip_rows, flip_cols = _FLIPS[corner]
+            out[g] = x[g, :, ::-1 if flip_rows else 1, ::-1 if flip_cols else 1]
+        return out
+
+    def _from_groups(self, xg):
+        xp = get_array_module(xg)
+        G, B, H, W, Cg = xg.shape
+        out = xp.empty((B, G, Cg, H, W), dtype=xg.dtype)
+        for g, corner in enumerate(self.corners):
+            flip_rows, flip_cols = _FLIPS[corner]
+            out[:, g] = xg[g, :, ::-1 if flip_rows else 1, ::-1 if flip_cols else 1].transpose(0, 3, 1, 2)
+        return out.reshape(B, G * Cg, H, W)
+
+    def _prepare(self, x, name):
+        """Check the input and create the weights on first use."""
+        check_images(x, name, self.channels)
+        if self.channels is None:
+            self._build(x.shape[1], get_array_module(x), self.dtype or x.dtype)
+
+    # ---- the layer contract -------------------------------------------------------------
+    def logdet(self, B, H, W, xp, dtype):
+        """(B,) log|det| = H·W·Σ s with a learned diagonal, else 0."""
+        _, log_diag = self._grouped(self.params)
+        if log_diag is None:
+            return xp.zeros(B, dtype=dtype)
+        return xp.full(B, H * W * log_diag.sum(), dtype=dtype)
+
+    def forward(self, x):
+        """y, logdet = the masked convolution of x (B, C, H, W); logdet (B,)."""
+        self._prepare(x, "x")
+        xp = get_array_module(x)
+        xg = self._to_groups(x)
+        yg = kernels.for_array(x).conv_forward(xg, self._kernel_weight(x.dtype))
+        self._cache = (xg, x.shape)
+        B, _, H, W = x.shape
+        return self._from_groups(yg), self.logdet(B, H, W, xp, x.dtype)
+
+    def inverse(self, y):
+        """x with forward(x)[0] == y: the wavefront solve (H+W-1 sequential steps)."""
+        self._prepare(y, "y")
+        yg = self._to_groups(y)
+        xg = kernels.for_array(y).wavefront_inverse(yg, self._kernel_weight(y.dtype))
+        return self._from_groups(xg)
+
+    def backward(self, dy, dlogdet):
+        """dx from dy (B, C, H, W) and dlogdet (B,); adds dL/dweight (and dL/dlog_diag).
+
+        dx      = the transposed masked convolution of dy (kernel tap flipped, channels swapped)
+        dW_eff  = sum_{n,i,j} dy[n, co, i, j] * x[n, ci, i-(k-1)+a, j-(k-1)+b]
+        dweight = dW_eff ⊙ mask                       (masked entries and diagonal get 0)
+        dlog_diag[c] = dW_eff[c, c, k-1, k-1] * exp(s_c) + H·W·Σ_n dlogdet[n]
+        """
+        if getattr(self, "_cache", None) is None:
+            raise RuntimeError("backward called before forward")
+        xg, shape = self._cache
+        check_images(dy, "dy", self.channels, finite=False)
+        if dy.shape != shape:
+            raise ValueError(f"dy has shape {tuple(dy.shape)}, forward's output had {shape}")
+        kernel = kernels.for_array(dy)
+        dyg = self._to_groups(dy.astype(xg.dtype, copy=False))
+        dxg = kernel.conv_input_grad(dyg, self._kernel_weight(xg.dtype))
+        dw_kernel = kernel.conv_weight_grad(xg, dyg, self.k)    # (G, k, k, C_in, C_out)
+        dw_eff = dw_kernel.transpose(0, 4, 3, 1, 2)             # (G, C_out, C_in, k, k)
+
+        dweight, dlog_diag = self._grouped(self.grads)
+        dweight += (dw_eff * self._mask).astype(dweight.dtype)
+        if dlog_diag is not None:
+            _, log_diag = self._grouped(self.params)
+            Cg = log_diag.shape[1]
+            H, W = shape[2], shape[3]
+            idx = get_array_module(dy).arange(Cg)
+            d_diag = dw_eff[:, idx, idx, self.k - 1, self.k - 1]
+            dlog_diag += (d_diag * get_array_module(dy).exp(log_diag)
+                          + H * W * dlogdet.sum()).astype(dlog_diag.dtype)
+        return self._from_groups(dxg)
+
+
+class InvConv(GroupedMaskedConv):
+    """The masked k×k invertible convolution (FInC's unit conv; CInC's with ``learn_diag``).
+
+    params: "weight" (C, C, k, k); with ``learn_diag`` also "log_diag" (C,).
+
+    >>> import numpy as np, nfcore
+    >>> y = np.random.default_rng(0).standard_normal((2, 3, 8, 8))
+    >>> x = nfcore.InvConv(k=3).inverse(y)
+    """
+
+    def __init__(self, k=3, channels=None, corner="top-left", learn_diag=False, dtype=None, seed=0):
+        super().__init__(k, (corner,), channels, learn_diag, dtype, seed)
+
+    @property
+    def corner(self):
+        return self.corners[0]
+
+    def _build(self, channels, xp, dtype):
+        super()._build(channels, xp, dtype)
+        self.params = {name: p[0] for name, p in self.params.items()}   # drop the group axis
+        self.zero_grad()
+
+    def _grouped(self, arrays):
+        log_diag = arrays.get("log_diag")
+        return arrays["weight"][None], None if log_diag is None else log_diag[None]
