@@ -1,0 +1,284 @@
+"""InvConv and FInCUnit against independent references.
+
+- log-det against slogdet of the dense matrix written from the convolution's definition
+  (nfcore.reference.masked_conv_matrix, which shares no code with the kernels);
+- inverse against a dense LU solve of that matrix, and inverse(forward(x)) == x;
+- backward against float64 central finite differences, along random directions (as Chainer's
+  check_backward) and entry by entry on tiny shapes;
+- the Numba kernels against their plain NumPy references;
+- clear errors for bad input.
+"""
+import itertools
+import zlib
+
+import numpy as np
+import pytest
+
+import nfcore
+from nfcore import reference
+from nfcore.kernels import cpu, numpy_ref
+
+
+def random_params(layer, rng, scale=0.3):
+    """Fill every parameter with random values, masked entries included: any values must give
+    a valid layer. Off-self weights ~ N(0, scale² / (k²·Cg)) keep the solve well conditioned."""
+    weight = layer.params["weight"]
+    Cg, k = weight.shape[-3], weight.shape[-1]
+    weight[...] = rng.standard_normal(weight.shape) * scale / np.sqrt(k * k * Cg)
+    if "log_diag" in layer.params:
+        layer.params["log_diag"][...] = rng.standard_normal(layer.params["log_diag"].shape) * 0.2
+
+
+def make_layer(kind, k, C, learn_diag, corner="top-left", dtype=np.float64, seed=0):
+    if kind == "finc":
+        return nfcore.FInCUnit(k=k, channels=C, learn_diag=learn_diag, dtype=dtype, seed=seed)
+    return nfcore.InvConv(k=k, channels=C, corner=corner, learn_diag=learn_diag, dtype=dtype, seed=seed)
+
+
+CASES = [("invconv", k, C, learn_diag, corner)
+         for k, C, learn_diag, corner in itertools.product(
+             [1, 2, 3, 5], [1, 2, 3, 8], [False, True], nfcore.CORNERS)]
+CASES += [("finc", k, C, learn_diag, "all")
+          for k, C, learn_diag in itertools.product([1, 2, 3, 5], [4, 8], [False, True])]
+H, W = 4, 5   # H ≠ W on purpose
+
+
+def case_id(case):
+    kind, k, C, learn_diag, corner = case
+    return f"{kind}-k{k}-C{C}-{'diag' if learn_diag else 'unit'}-{corner}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_logdet_and_inverse_match_dense_scipy(case):
+    kind, k, C, learn_diag, corner = case
+    rng = np.random.default_rng(zlib.crc32(case_id(case).encode()))
+    layer = make_layer(kind, k, C, learn_diag, corner)
+    random_params(layer, rng)
+    x = rng.standard_normal((2, C, H, W))
+
+    y, logdet = layer.forward(x)
+    M = reference.masked_conv_matrix(layer, H, W)
+    sign, dense_logdet = reference.slogdet(M)
+    assert sign[0] == 1
+    assert logdet.shape == (2,)
+    np.testing.assert_allclose(logdet, dense_logdet[0], rtol=1e-10, atol=1e-10)
+    # the forward pass is the dense matrix product
+    np.testing.assert_allclose(y.reshape(2, -1), x.reshape(2, -1) @ M.T, rtol=0, atol=1e-12)
+
+    x_dense = reference.dense_inverse(layer, y)
+    x_ours = layer.inverse(y)
+    assert np.abs(x_ours - x_dense).max() <= 1e-12 * np.abs(x_dense).max()
+    assert np.abs(x_ours - x).max() <= 1e-12 * np.abs(x).max()
+
+
+@pytest.mark.parametrize("kind,corner", [("invconv", c) for c in nfcore.CORNERS] + [("finc", "all")])
+@pytest.mark.parametrize("learn_diag", [False, True])
+def test_float32_inverse_matches_dense_solve(kind, corner, learn_diag):
+    rng = np.random.default_rng(1)
+    layer = make_layer(kind, 3, 8, learn_diag, corner, dtype=np.float32)
+    random_params(layer, rng)
+    y = rng.standard_normal((3, 8, 6, 7)).astype(np.float32)
+    x = layer.inverse(y)
+    assert x.dtype == np.float32
+    x_dense = reference.dense_inverse(layer, y)      # float64 solve of the float32 weights
+    assert np.abs(x - x_dense).max() <= 1e-5 * np.abs(x_dense).max()
+    y_back, _ = layer.forward(x)
+    assert np.abs(y_back - y).max() <= 1e-5 * np.abs(y).max()
+
+
+def test_check_reports_small_errors():
+    layer = nfcore.FInCUnit(k=3, channels=8, learn_diag=True, dtype=np.float64)
+    random_params(layer, np.random.default_rng(2))
+    errors = reference.check(layer, np.random.default_rng(3).standard_normal((2, 8, 5, 4)))
+    assert set(errors) == {"logdet", "inverse", "dense_solve"}
+    assert max(errors.values()) < 1e-12
+
+
+def test_masked_entries_do_not_matter():
+    """Values written into masked entries (upper self-tap, its diagonal) change nothing."""
+    rng = np.random.default_rng(4)
+    layer = nfcore.InvConv(k=3, channels=5, learn_diag=True, dtype=np.float64)
+    random_params(layer, rng)
+    x = rng.standard_normal((2, 5, 4, 6))
+    y, logdet = layer.forward(x)
+    upper_and_diag = np.triu(np.ones((5, 5))) > 0
+    layer.params["weight"][:, :, 2, 2][upper_and_diag] = rng.standard_normal(15) * 100
+    y2, logdet2 = layer.forward(x)
+    np.testing.assert_array_equal(y, y2)
+    np.testing.assert_array_equal(logdet, logdet2)
+
+
+# ---- backward against finite differences ------------------------------------------------
+
+def loss_and_backward(layer, x, g, h):
+    """L = Σ y·g + Σ logdet·h, and its gradients from the hand-written backward."""
+    layer.zero_grad()
+    y, logdet = layer.forward(x)
+    dx = layer.backward(g, h)
+    return float(np.sum(y * g) + np.sum(logdet * h)), dx, {n: v.copy() for n, v in layer.grads.items()}
+
+
+def loss_only(layer, x, g, h):
+    y, logdet = layer.forward(x)
+    return float(np.sum(y * g) + np.sum(logdet * h))
+
+
+@pytest.mark.parametrize("kind,corner", [("invconv", c) for c in nfcore.CORNERS] + [("finc", "all")])
+@pytest.mark.parametrize("learn_diag", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_backward_matches_directional_finite_differences(kind, corner, learn_diag, k):
+    rng = np.random.default_rng(5)
+    layer = make_layer(kind, k, 4, learn_diag, corner)
+    random_params(layer, rng, scale=1.0)
+    x = rng.standard_normal((2, 4, 5, 3))
+    g, h = rng.standard_normal((2, 4, 5, 3)), rng.standard_normal(2)
+    _, dx, grads = loss_and_backward(layer, x, g, h)
+    eps = 1e-6   # central differences: truncation O(eps²) ~ 1e-12, rounding ~ 1e-16/eps ~ 1e-10
+
+    v = rng.standard_normal(x.shape)
+    numeric = (loss_only(layer, x + eps * v, g, h) - loss_only(layer, x - eps * v, g, h)) / (2 * eps)
+    np.testing.assert_allclose(np.sum(dx * v), numeric, rtol=1e-7, atol=1e-8)
+
+    for name, param in layer.params.items():
+        v = rng.standard_normal(param.shape)
+        original = param.copy()
+        param[...] = original + eps * v
+        plus = loss_only(layer, x, g, h)
+        param[...] = original - eps * v
+        minus = loss_only(layer, x, g, h)
+        param[...] = original
+        np.testing.assert_allclose(np.sum(grads[name] * v), (plus - minus) / (2 * eps),
+                                   rtol=1e-7, atol=1e-8, err_msg=name)
+
+
+@pytest.mark.parametrize("corner", nfcore.CORNERS)
+def test_backward_matches_finite_differences_entry_by_entry(corner):
+    rng = np.random.default_rng(6)
+    layer = nfcore.InvConv(k=2, channels=2, corner=corner, learn_diag=True, dtype=np.float64)
+    random_params(layer, rng, scale=1.0)
+    x = rng.standard_normal((2, 2, 3, 2))
+    g, h = rng.standard_normal(x.shape), rng.standard_normal(2)
+    _, dx, grads = loss_and_backward(layer, x, g, h)
+    eps = 1e-6
+
+    def numeric_gradient(array):
+        out = np.zeros_like(array)
+        for index in np.ndindex(array.shape):
+            original = array[index]
+            array[index] = original + eps
+            plus = loss_only(layer, x, g, h)
+            array[index] = original - eps
+            minus = loss_only(layer, x, g, h)
+            array[index] = original
+            out[index] = (plus - minus) / (2 * eps)
+        return out
+
+    np.testing.assert_allclose(dx, numeric_gradient(x), rtol=1e-7, atol=1e-8)
+    for name, param in layer.params.items():
+        np.testing.assert_allclose(grads[name], numeric_gradient(param), rtol=1e-7, atol=1e-8,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("kind", ["invconv", "finc"])
+def test_masked_entries_get_exactly_zero_gradient(kind):
+    rng = np.random.default_rng(7)
+    layer = make_layer(kind, 3, 8, True)
+    random_params(layer, rng)
+    x = rng.standard_normal((2, 8, 4, 5))
+    layer.forward(x)
+    layer.backward(rng.standard_normal(x.shape), rng.standard_normal(2))
+    dself = layer.grads["weight"][..., 2, 2]                # (..., Cg, Cg) self-tap block
+    upper_and_diag = np.triu(np.ones(dself.shape[-2:])) > 0
+    assert np.all(dself[..., upper_and_diag] == 0)
+    assert np.all(dself[..., ~upper_and_diag] != 0)
+
+
+def test_backward_accumulates():
+    rng = np.random.default_rng(8)
+    layer = nfcore.InvConv(k=3, channels=3, learn_diag=True, dtype=np.float64)
+    x, dy, dlogdet = rng.standard_normal((2, 3, 4, 4)), rng.standard_normal((2, 3, 4, 4)), np.ones(2)
+    layer.forward(x)
+    layer.backward(dy, dlogdet)
+    once = {n: g.copy() for n, g in layer.grads.items()}
+    layer.backward(dy, dlogdet)
+    for name in once:
+        np.testing.assert_allclose(layer.grads[name], 2 * once[name])
+
+
+# ---- the kernels against their NumPy references -------------------------------------------
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_cpu_kernels_match_numpy_references(dtype, tol, k):
+    rng = np.random.default_rng(9)
+    G, B, Hk, Wk, C = 2, 3, 5, 4, 3
+    x = rng.standard_normal((G, B, Hk, Wk, C)).astype(dtype)
+    dy = rng.standard_normal((G, B, Hk, Wk, C)).astype(dtype)
+    w = (rng.standard_normal((G, k, k, C, C)) * 0.2).astype(dtype)
+    w[:, k - 1, k - 1] = np.triu(w[:, k - 1, k - 1]) + np.eye(C, dtype=dtype)   # L = w[..].T lower
+
+    def close(a, b):
+        assert a.dtype == dtype
+        assert np.abs(a - b).max() <= tol * max(1.0, np.abs(b).max())
+
+    y = cpu.conv_forward(x, w)
+    close(y, numpy_ref.conv_forward(x, w))
+    close(cpu.conv_input_grad(dy, w), numpy_ref.conv_input_grad(dy, w))
+    close(cpu.conv_weight_grad(x, dy, k), numpy_ref.conv_weight_grad(x, dy, k))
+    for solve in (cpu.wavefront_inverse, cpu.raster_inverse,
+                  numpy_ref.wavefront_inverse, numpy_ref.raster_inverse):
+        close(solve(y, w), x)
+
+
+# ---- construction, dtypes and bad input ---------------------------------------------------
+
+def test_inverse_works_on_its_own_and_is_reproducible():
+    y = np.random.default_rng(10).standard_normal((2, 3, 8, 8))
+    x1 = nfcore.InvConv(k=3).inverse(y)
+    x2 = nfcore.InvConv(k=3).inverse(y)
+    np.testing.assert_array_equal(x1, x2)
+    assert not np.allclose(nfcore.InvConv(k=3, seed=1).inverse(y), x1)
+
+
+def test_parameter_count():
+    C, k = 6, 3
+    layer = nfcore.InvConv(k=k, channels=C)
+    mask = nfcore.layers.invconv.self_tap_mask(C, k)
+    assert mask.sum() == (k * k - 1) * C * C + C * (C - 1) // 2
+
+
+def test_float32_input_with_float64_weights():
+    layer = nfcore.InvConv(k=3, channels=4, dtype=np.float64)
+    x = np.random.default_rng(11).standard_normal((2, 4, 5, 5)).astype(np.float32)
+    y, logdet = layer.forward(x)
+    assert y.dtype == np.float32 and logdet.dtype == np.float32
+    dx = layer.backward(np.ones_like(y), np.zeros(2, np.float32))
+    assert dx.dtype == np.float32 and layer.grads["weight"].dtype == np.float64
+
+
+def test_finc_needs_channels_divisible_by_four():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        nfcore.FInCUnit(k=3).forward(np.zeros((1, 6, 4, 4)))
+
+
+@pytest.mark.parametrize("bad,error,message", [
+    (np.zeros((3, 4, 4)), ValueError, "4 dimensions"),
+    (np.zeros((1, 5, 4, 4)), ValueError, "5 channels but the layer was built for 4"),
+    (np.zeros((1, 4, 4, 4), dtype=np.int64), TypeError, "float32 or float64"),
+    (np.full((1, 4, 4, 4), np.nan), ValueError, "NaN or Inf"),
+    (np.full((1, 4, 4, 4), np.inf), ValueError, "NaN or Inf"),
+    (np.zeros((1, 4, 0, 4)), ValueError, "empty dimension"),
+    ([[[[0.0]]]], TypeError, "array"),
+])
+@pytest.mark.parametrize("method", ["forward", "inverse"])
+def test_bad_input_raises_clear_errors(bad, error, message, method):
+    layer = nfcore.InvConv(k=3, channels=4)
+    with pytest.raises(error, match=message):
+        getattr(layer, method)(bad)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="kernel size"):
+        nfcore.InvConv(k=0)
+    with pytest.raises(ValueError, match="unknown corner"):
+        nfcore.InvConv(k=3, corner="middle")
