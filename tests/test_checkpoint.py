@@ -1,0 +1,116 @@
+"""Checkpoints: round trip, RNG stream, corrupt and foreign files, atomic writes."""
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from train.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+
+
+def sample_arrays():
+    rng = np.random.default_rng(0)
+    return {
+        "layers/0/weight": rng.standard_normal((3, 3, 2, 2)).astype(np.float32),
+        "layers/0/bias": rng.standard_normal(3),                           # float64
+        "layers/12/indices": np.arange(5, dtype=np.int64),
+        "optim/m/0/weight": np.zeros((3, 3, 2, 2), np.float32),
+        "initialized": np.array([True, False]),
+        "step": np.array(7),
+    }
+
+
+def test_round_trip_arrays_and_meta(tmp_path):
+    arrays = sample_arrays()
+    meta = {"config": {"levels": 3, "steps": 32, "lr": 1e-3}, "dataset": "cifar10",
+            "step": 1200, "epoch": 3, "actnorm_initialized": [True, True, False],
+            "loss": np.float32(3.5), "shape": np.array([1, 2])}
+    path = tmp_path / "run" / "checkpoint.h5"            # the folder is created
+    save_checkpoint(path, arrays, meta)
+    loaded, loaded_meta = load_checkpoint(path)
+    assert set(loaded) == set(arrays)
+    for name, array in arrays.items():
+        assert loaded[name].dtype == array.dtype and loaded[name].shape == array.shape
+        np.testing.assert_array_equal(loaded[name], array)
+    assert loaded_meta == {**meta, "loss": 3.5, "shape": [1, 2]}
+    with h5py.File(path, "r") as file:
+        assert isinstance(file["layers/0"], h5py.Group)  # nested names are groups
+        assert file.attrs["format_version"] == FORMAT_VERSION
+    assert os.listdir(path.parent) == ["checkpoint.h5"]
+
+
+def test_rng_state_restores_the_same_stream(tmp_path):
+    rng = np.random.default_rng(42)
+    rng.random(10)
+    save_checkpoint(tmp_path / "c.h5", {}, {"rng": rng.bit_generator.state})
+    expected = rng.standard_normal(100)
+    _, meta = load_checkpoint(tmp_path / "c.h5")
+    restored = np.random.default_rng()
+    restored.bit_generator.state = meta["rng"]
+    np.testing.assert_array_equal(restored.standard_normal(100), expected)
+
+
+def test_overwrite_replaces_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "c.h5"
+    save_checkpoint(path, {"a": np.zeros(2)}, {"step": 1})
+    save_checkpoint(path, {"b": np.ones(3)}, {"step": 2})
+    arrays, meta = load_checkpoint(path)
+    assert list(arrays) == ["b"] and meta == {"step": 2}
+
+
+def test_missing_corrupt_and_foreign_files_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.h5"):
+        load_checkpoint(tmp_path / "nothing.h5")
+    noise = tmp_path / "noise.h5"
+    noise.write_bytes(np.random.default_rng(1).bytes(4096))
+    with pytest.raises(ValueError, match="noise.h5.*truncated or corrupt"):
+        load_checkpoint(noise)
+    good = tmp_path / "good.h5"
+    save_checkpoint(good, sample_arrays(), {"step": 1})
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="cut.h5"):
+        load_checkpoint(cut)
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as file:
+        file["x"] = np.zeros(3)
+    with pytest.raises(ValueError, match="foreign.h5.*not an nfcore checkpoint"):
+        load_checkpoint(foreign)
+    with h5py.File(good, "a") as file:
+        file.attrs["format_version"] = FORMAT_VERSION + 1
+    with pytest.raises(ValueError, match="good.h5.*format version"):
+        load_checkpoint(good)
+
+
+def test_bad_arguments(tmp_path):
+    path = tmp_path / "c.h5"
+    with pytest.raises(ValueError, match="'/lead'"):
+        save_checkpoint(path, {"/lead": np.zeros(1)}, {})
+    with pytest.raises(ValueError, match="'layers/0'.*group"):
+        save_checkpoint(path, {"layers/0": np.zeros(1), "layers/0/w": np.zeros(1)}, {})
+    with pytest.raises(TypeError, match="'names'.*dtype"):
+        save_checkpoint(path, {"names": np.array(["a", "b"])}, {})
+    with pytest.raises(TypeError, match="JSON cannot store"):
+        save_checkpoint(path, {}, {"bad": object()})
+    assert not path.exists() and os.listdir(tmp_path) == []
+
+
+def test_crash_during_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "c.h5"
+    save_checkpoint(path, {"w": np.arange(4.0)}, {"step": 1})
+    real_create_dataset = h5py.Group.create_dataset
+    calls = []
+
+    def crash_on_second_array(self, name, *args, **kwargs):
+        calls.append(name)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real_create_dataset(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", crash_on_second_array)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(path, {"w": np.zeros(4), "v": np.zeros(4)}, {"step": 2})
+    assert os.listdir(tmp_path) == ["c.h5"]               # no temporary file left behind
+    arrays, meta = load_checkpoint(path)
+    np.testing.assert_array_equal(arrays["w"], np.arange(4.0))
+    assert meta == {"step": 1}

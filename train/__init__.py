@@ -1,0 +1,1 @@
+"""Training: the command line (``python -m train.run``), checkpoints, sampling and evaluation."""
