@@ -10,7 +10,7 @@ mnist       (1, 28, 28)            train-/t10k-images-idx3-ubyte[.gz]
 cifar10     (3, 32, 32)            cifar-10-batches-py/ or cifar-10-python.tar.gz
 imagenet32  (3, 32, 32)            train_data_batch_1..10.npz, val_data.npz
 imagenet64  (3, 64, 64)            train_data_batch_1..10.npz, val_data.npz
-celeba      (3, s, s), s=64        img_align_celeba/ (or is it)
+celeba      (3, s, s), s=64        img_align_celeba/, or is that folder
 folder      (3, s, s), s=64        png / jpg / jpeg images, subfolders included
 ==========  =====================  ===========================================================
 
