@@ -1,4 +1,4 @@
 """Invertible layers, one per file, each with forward / inverse / backward."""
-from .base import Layer, check_images
+from .base import Layer, NonFiniteError, check_images
 from .finc import FInCUnit
 from .invconv import CORNERS, InvConv

@@ -37,6 +37,11 @@ class Layer:
         return f"{type(self).__name__}({shapes})"
 
 
+class NonFiniteError(ValueError):
+    """An array holds NaN or Inf. A ValueError, so that callers may catch exactly this case
+    (the trainer skips such a step) without hiding other bad input."""
+
+
 def check_images(x, name="x", channels=None, finite=True):
     """Raise a clear error unless ``x`` is a floating (B, C, H, W) array, none of it empty.
 
@@ -56,4 +61,4 @@ def check_images(x, name="x", channels=None, finite=True):
     if channels is not None and C != channels:
         raise ValueError(f"{name} has {C} channels but the layer was built for {channels}")
     if finite and not bool(get_array_module(x).isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+        raise NonFiniteError(f"{name} contains NaN or Inf")
