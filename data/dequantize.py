@@ -15,6 +15,7 @@ where log p(x) = log p(z) + logdet is the flow's change of variables (natural lo
 import numpy as np
 
 from nfcore.backend import to_numpy
+from nfcore.objective import bits_per_dim  # noqa: F401  (re-exported: data.bits_per_dim)
 
 
 def _check_n_bits(n_bits):
@@ -47,12 +48,3 @@ def postprocess(x, n_bits):
     x = to_numpy(x).astype(np.float64)           # CuPy samples come back to the host
     levels = np.clip(np.floor((x + 0.5) * 2 ** n_bits), 0, 2 ** n_bits - 1)
     return (levels * 2 ** (8 - n_bits)).astype(np.uint8)
-
-
-def bits_per_dim(log_prob_z, logdet, n_dims, n_bits):
-    """Per-sample bits/dim from per-sample ``log_prob_z`` and ``logdet`` (natural logs)."""
-    _check_n_bits(n_bits)
-    if not isinstance(n_dims, (int, np.integer)) or n_dims < 1:
-        raise ValueError(f"n_dims must be a positive integer (C·H·W), got {n_dims!r}")
-    nats = -log_prob_z - logdet + n_dims * n_bits * np.log(2.0)
-    return nats / (n_dims * np.log(2.0))
