@@ -151,7 +151,11 @@ class Adam:
 
     @contextlib.contextmanager
     def ema_parameters(self):
-        """``with opt.ema_parameters():`` evaluate or sample with the averaged parameters."""
+        """``with opt.ema_parameters():`` evaluate or sample with the averaged parameters
+        (with the parameters themselves when the optimizer keeps no EMA)."""
+        if self.ema_decay is None:
+            yield
+            return
         self.swap_ema()
         try:
             yield

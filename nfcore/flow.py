@@ -1,0 +1,174 @@
+"""The multi-scale flow of Glow / FInC / CInC: L levels of K steps, squeeze and split.
+
+Shapes, for an image (C, H, W) and L levels::
+
+    x (B, C, H, W)
+    level 1:  Squeeze → (4C, H/2, W/2) → K steps → Split → keeps (2C, H/2, W/2)
+    level 2:  Squeeze → (8C, H/4, W/4) → K steps → Split → keeps (4C, H/4, W/4)
+    ...
+    level L:  Squeeze → K steps → z_top                   (no split on the last level)
+
+One step, by ``invconv`` (the k×k invertible convolution under study, or Glow's 1×1 alone):
+
+    finc      FInCUnit(k) → ActNorm → Conv1x1 → coupling        (FInC Flow)
+    cinc      ActNorm → InvConv(k, learned diagonal) → coupling  (CInC Flow)
+    emerging  ActNorm → Conv1x1 → EmergingConv(k) → coupling     (Hoogeboom et al. 2019)
+    glow1x1   ActNorm → Conv1x1 → coupling                      (Glow)
+
+with ``coupling`` affine (Glow) or quad (CInC). Each Split factors out half of the channels,
+z2, and scores it under a Gaussian whose mean and log-std come from the kept half: its
+log-likelihood log p(z2 | z1) is returned as the Split's "logdet", so that the flow's
+
+    log p(x) = log N(z_top; 0, I) + Σ_layers logdet_layer
+
+(Splits included) and, for n_bits-bit images with D = C·H·W dimensions,
+
+    bpd = (−log p(x) + D · n_bits · ln 2) / (D · ln 2).
+"""
+import math
+
+import numpy as np
+
+from .backend import get_array_module
+from .layers import (ActNorm, AffineCoupling, Conv1x1, EmergingConv, FInCUnit, InvConv,
+                     QuadCoupling, Split, Squeeze)
+from .layers.prior import GaussianPrior
+from .objective import bits_per_dim
+
+STEP_KINDS = ("finc", "cinc", "emerging", "glow1x1")
+COUPLINGS = ("affine", "quad")
+
+
+def flow_step(invconv, coupling, channels, hidden, k, seed):
+    """The layers of one flow step on ``channels`` channels (see the module docstring)."""
+    if invconv not in STEP_KINDS:
+        raise ValueError(f"unknown invconv {invconv!r}: choose one of {', '.join(STEP_KINDS)}")
+    if coupling not in COUPLINGS:
+        raise ValueError(f"unknown coupling {coupling!r}: choose one of {', '.join(COUPLINGS)}")
+    make_coupling = AffineCoupling if coupling == "affine" else QuadCoupling
+    couple = make_coupling(channels=channels, hidden=hidden, seed=seed + 3)
+    C = channels
+    if invconv == "finc":
+        return [FInCUnit(k=k, channels=C, seed=seed), ActNorm(C), Conv1x1(C, seed=seed + 1), couple]
+    if invconv == "cinc":
+        return [ActNorm(C), InvConv(k=k, channels=C, learn_diag=True, seed=seed), couple]
+    if invconv == "emerging":
+        return [ActNorm(C), Conv1x1(C, seed=seed + 1), EmergingConv(k=k, channels=C, seed=seed), couple]
+    return [ActNorm(C), Conv1x1(C, seed=seed + 1), couple]
+
+
+class Flow:
+    """A multi-scale normalizing flow: a list of invertible layers and a Gaussian top prior.
+
+    ``layers`` is what the optimizer and the checkpoints see (each with params and grads).
+    """
+
+    def __init__(self, image_shape, levels=3, steps=32, hidden=512, invconv="finc",
+                 coupling="affine", k=3, seed=0):
+        C, H, W = image_shape
+        if H % 2 ** levels or W % 2 ** levels:
+            raise ValueError(f"{levels} levels halve the image {levels} times: {H}×{W} must be "
+                             f"divisible by {2 ** levels}")
+        self.image_shape = tuple(image_shape)
+        self.config = dict(levels=levels, steps=steps, hidden=hidden, invconv=invconv,
+                           coupling=coupling, k=k, seed=seed)
+        self.layers = []
+        for level in range(levels):
+            C = C * 4                                    # after the squeeze
+            self.layers.append(Squeeze())
+            for step in range(steps):
+                self.layers += flow_step(invconv, coupling, C, hidden, k,
+                                         seed=seed + 1000 * level + 10 * step)
+            if level < levels - 1:
+                self.layers.append(Split(channels=C))
+                C = C // 2                               # the kept half
+        self.prior = GaussianPrior()                         # log N(z_top; 0, I)
+        self.top_shape = (C, H // 2 ** levels, W // 2 ** levels)   # of z_top
+        self.n_dims = int(np.prod(image_shape))
+
+    # ---- density -------------------------------------------------------------------------
+    def forward(self, x):
+        """(z_top, logdet): the top latent and Σ of every layer's logdet (Splits included)."""
+        xp = get_array_module(x)
+        logdet = xp.zeros(x.shape[0], dtype=x.dtype)
+        h = x
+        for layer in self.layers:
+            h, layer_logdet = layer.forward(h)
+            logdet = logdet + layer_logdet
+        return h, logdet
+
+    def log_prob(self, x):
+        """(B,) log p(x) in nats, for dequantized images x (B, C, H, W)."""
+        z, logdet = self.forward(x)
+        return self.prior.forward(z) + logdet
+
+    def bits_per_dim(self, x, n_bits):
+        """(B,) bits per dimension of dequantized n_bits-bit images x."""
+        z, logdet = self.forward(x)
+        return bits_per_dim(self.prior.forward(z), logdet, self.n_dims, n_bits)
+
+    def loss_and_backward(self, x, n_bits):
+        """The mean bits/dim of the batch, and its gradient added into every layer's grads.
+
+        loss = mean_n bpd_n, so d loss / d logdet_n = −1 / (B·D·ln 2) for every layer and for
+        the prior's log p(z_top)_n alike; the prior turns that into d loss / d z_top.
+        """
+        B = x.shape[0]
+        z, logdet = self.forward(x)
+        bpd = bits_per_dim(self.prior.forward(z), logdet, self.n_dims, n_bits)
+        xp = get_array_module(x)
+        dlogdet = xp.full(B, -1.0 / (B * self.n_dims * math.log(2)), dtype=x.dtype)
+        dh = self.prior.backward(dlogdet)          # d loss / d log p(z) = d loss / d logdet
+        for layer in reversed(self.layers):
+            dh = layer.backward(dh, dlogdet)
+        return float(bpd.mean()), bpd
+
+    # ---- sampling and reconstruction -----------------------------------------------------
+    def encode(self, x):
+        """All latents of x: [z2 of each Split, ..., z_top], enough to rebuild x exactly."""
+        latents = []
+        h = x
+        for layer in self.layers:
+            h, _ = layer.forward(h)
+            if isinstance(layer, Split):
+                latents.append(layer.z2)
+        return latents + [h]
+
+    def decode(self, latents):
+        """x from the latents of ``encode`` (exact inverse)."""
+        n_splits = sum(isinstance(layer, Split) for layer in self.layers)
+        if len(latents) != n_splits + 1:
+            raise ValueError(f"decode needs {n_splits + 1} latents (one per split and the "
+                             f"top), got {len(latents)}")
+        return self.inverse(latents[-1], split_latents=latents[:-1])
+
+    def sample(self, n, temperature=1.0, rng=None, xp=np, dtype=np.float32):
+        """n images drawn at the given temperature: z ~ N(0, T²) at the top and at every Split."""
+        rng = np.random.default_rng() if rng is None else rng
+        z_top = self.prior.sample((n,) + self.top_shape, temperature, rng, dtype, xp)
+        return self.inverse(z_top, temperature=temperature, rng=rng)
+
+    def inverse(self, z_top, split_latents=None, temperature=1.0, rng=None):
+        """x from z_top, walking the layers backwards. Each Split takes its z2 from
+        ``split_latents`` (in forward order) or, when None, draws it from its prior."""
+        given = list(split_latents) if split_latents is not None else None
+        h = z_top
+        for layer in reversed(self.layers):
+            if isinstance(layer, Split):
+                z2 = given.pop() if given is not None else None
+                h = layer.inverse(h, z2=z2, temperature=temperature, rng=rng)
+            else:
+                h = layer.inverse(h)
+        return h
+
+    # ---- state ---------------------------------------------------------------------------
+    def state(self):
+        """Every layer's non-parameter state (ActNorm flags, fixed permutations, ...)."""
+        return [layer.state() for layer in self.layers]
+
+    def load_state(self, states):
+        for layer, state in zip(self.layers, states):
+            layer.load_state(state)
+
+    def n_params(self):
+        return sum(int(p.size) for layer in self.layers for p in layer.params.values())

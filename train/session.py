@@ -1,0 +1,94 @@
+"""What train.run, train.sample and train.evaluate share: building a flow from its config,
+saving and loading a training checkpoint, test bits/dim over a whole set, sample grids."""
+import numpy as np
+
+from data import iterate_test_batches, postprocess, preprocess
+from nfcore.backend import default_array_module, to_device, to_numpy
+from nfcore.flow import Flow
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .images import save_image_grid
+
+MODEL_KEYS = ("levels", "steps", "hidden", "invconv", "coupling", "k", "seed")
+
+
+def build_flow(config):
+    """A Flow from a run's config (image_shape and the MODEL_KEYS)."""
+    return Flow(tuple(config["image_shape"]), **{key: config[key] for key in MODEL_KEYS})
+
+
+def save_training_checkpoint(path, flow, optimizer, meta):
+    """Parameters, layer states, optimizer state and ``meta`` (config, step, ...), atomically."""
+    arrays = {}
+    for index, layer in enumerate(flow.layers):
+        for name, param in layer.params.items():
+            arrays[f"model/{index}/{name}"] = to_numpy(param)
+        for name, value in layer.state().items():
+            arrays[f"state/{index}/{name}"] = np.asarray(to_numpy(value))
+    optim_state = optimizer.state_dict() if optimizer is not None else {}
+    for name, value in optim_state.items():
+        if name != "step":
+            arrays[f"optim/{name}"] = value
+    meta = dict(meta, optimizer_step=optim_state.get("step"))
+    save_checkpoint(path, arrays, meta)
+
+
+def load_flow(path):
+    """(flow, meta, arrays) from a checkpoint written by ``save_training_checkpoint``.
+
+    Raises ValueError naming the path when the file does not hold a flow this code can build,
+    or when a parameter is missing or has the wrong shape.
+    """
+    arrays, meta = load_checkpoint(path)
+    if "config" not in meta:
+        raise ValueError(f"{path}: not a training checkpoint (no config in its metadata)")
+    flow = build_flow(meta["config"])
+    xp = default_array_module()
+    for index, layer in enumerate(flow.layers):
+        for name, param in layer.params.items():
+            key = f"model/{index}/{name}"
+            if key not in arrays:
+                raise ValueError(f"{path}: parameter {key} is missing")
+            if arrays[key].shape != tuple(param.shape):
+                raise ValueError(f"{path}: parameter {key} has shape {arrays[key].shape}, the "
+                                 f"model built from its config expects {tuple(param.shape)}")
+            layer.params[name][...] = xp.asarray(arrays[key], dtype=param.dtype)
+        prefix = f"state/{index}/"
+        layer.load_state({key[len(prefix):]: (value.item() if value.ndim == 0 else value)
+                          for key, value in arrays.items() if key.startswith(prefix)})
+    return flow, meta, arrays
+
+
+def optimizer_state(arrays, meta):
+    """The optimizer's state_dict stored in a checkpoint."""
+    state = {key[len("optim/"):]: value for key, value in arrays.items() if key.startswith("optim/")}
+    state["step"] = meta["optimizer_step"]
+    return state
+
+
+def test_bits_per_dim(flow, images, n_bits, batch_size, seed, progress=None):
+    """Mean bits/dim over every image of ``images`` (uint8 NCHW), with fixed dequantization
+    noise (seeded), so that two evaluations of the same model agree exactly."""
+    rng = np.random.default_rng([seed, 2])
+    total, count = 0.0, 0
+    for batch in iterate_test_batches(images, batch_size):
+        x = to_device(preprocess(batch, n_bits, rng))
+        total += float(to_numpy(flow.bits_per_dim(x, n_bits)).sum())
+        count += len(batch)
+        if progress is not None:
+            progress.update(len(batch))
+    return total / count
+
+
+def sample_images(flow, n, temperature, n_bits, seed):
+    """n uint8 images (n, C, H, W) drawn at ``temperature`` with a seeded generator."""
+    rng = np.random.default_rng(seed)
+    x = flow.sample(n, temperature=temperature, rng=rng, xp=default_array_module())
+    return postprocess(x, n_bits)
+
+
+def save_samples(flow, path, n, temperature, n_bits, seed):
+    """Draw n samples and save them as a PNG grid (small images drawn larger)."""
+    images = sample_images(flow, n, temperature, n_bits, seed)
+    save_image_grid(images, path, scale=max(1, 64 // images.shape[-1]))
+    return images
