@@ -1,0 +1,114 @@
+"""ActNorm: Glow's per-channel affine layer with data-dependent initialization.
+
+Shapes: x, y (B, C, H, W); bias (C,), logs (C,)::
+
+    y[n, c, i, j] = (x[n, c, i, j] + bias[c]) * exp(logs[c])
+    logdet        = H · W · sum_c logs[c]                       (the same for every sample)
+    x             = y * exp(-logs) - bias                        (inverse)
+
+Initialization: the first ``forward`` sets bias = -mean and logs = -log(std + 1e-6), mean and std
+per channel over the batch and the pixels, so that this first batch comes out with zero mean
+and unit variance per channel. From then on bias and logs are ordinary parameters. The
+``initialized`` flag is part of ``state()`` so that a model loaded from a checkpoint is not
+initialized a second time on its first batch (a bug many Glow ports have).
+
+``inverse`` before initialization raises RuntimeError: the statistics are those of the data x,
+and an output y (e.g. a sample from the prior) says nothing about them. Run a forward pass on
+data first, or load a checkpoint (its parameters and ``load_state``).
+
+Backward::
+
+    dx     = dy * exp(logs)
+    dbias  = sum_{n,i,j} dy * exp(logs)
+    dlogs  = sum_{n,i,j} dy * y  +  H · W · sum_n dlogdet[n]
+"""
+import numpy as np
+
+from ..backend import default_array_module, get_array_module
+from .base import Layer, check_images
+
+EPS = 1e-6
+
+
+class ActNorm(Layer):
+    """Per-channel scale and bias, initialized from the first batch. params: "bias", "logs"."""
+
+    def __init__(self, channels=None, dtype=None):
+        super().__init__()
+        self.dtype = None if dtype is None else np.dtype(dtype)
+        self.channels = None
+        self.initialized = False
+        if channels is not None:
+            self._build(channels, default_array_module(), self.dtype or np.float32)
+
+    def _build(self, channels, xp, dtype):
+        self.channels = int(channels)
+        self.params = {"bias": xp.zeros(channels, dtype=dtype), "logs": xp.zeros(channels, dtype=dtype)}
+        self.zero_grad()
+
+    def state(self):
+        return {"initialized": self.initialized}
+
+    def load_state(self, state):
+        if "initialized" not in state:
+            raise KeyError("ActNorm state needs 'initialized' (True once its data-dependent "
+                           "initialization has run)")
+        self.initialized = bool(state["initialized"])
+
+    def initialize(self, x):
+        """Set bias and logs so that x comes out with zero mean and unit variance per channel."""
+        xp = get_array_module(x)
+        mean = x.mean(axis=(0, 2, 3))
+        std = x.std(axis=(0, 2, 3))
+        self.params["bias"][...] = -mean
+        self.params["logs"][...] = -xp.log(std + EPS)
+        self.initialized = True
+
+    def _bias_logs(self, dtype):
+        """bias and logs as (1, C, 1, 1) arrays of the given dtype."""
+        return tuple(self.params[name].astype(dtype, copy=False)[None, :, None, None]
+                     for name in ("bias", "logs"))
+
+    def _logdet(self, shape, xp, dtype):
+        B, _, H, W = shape
+        return xp.full(B, H * W * self.params["logs"].astype(dtype).sum(), dtype=dtype)
+
+    def forward(self, x):
+        """y, logdet; the first call initializes bias and logs from x."""
+        check_images(x, "x", self.channels)
+        xp = get_array_module(x)
+        if self.channels is None:
+            self._build(x.shape[1], xp, self.dtype or x.dtype)
+        if not self.initialized:
+            self.initialize(x)
+        bias, logs = self._bias_logs(x.dtype)
+        self._cache = x
+        return (x + bias) * xp.exp(logs), self._logdet(x.shape, xp, x.dtype)
+
+    def inverse(self, y):
+        """x = y * exp(-logs) - bias. Refused before initialization (see the module docstring)."""
+        check_images(y, "y", self.channels)
+        if not self.initialized:
+            raise RuntimeError("ActNorm.inverse called before initialization: run forward on a "
+                               "batch of data first, or load the parameters and state of a "
+                               "trained model (load_state({'initialized': True}))")
+        bias, logs = self._bias_logs(y.dtype)
+        return y * get_array_module(y).exp(-logs) - bias
+
+    def backward(self, dy, dlogdet):
+        """dx from dy (B, C, H, W) and dlogdet (B,); adds dL/dbias and dL/dlogs."""
+        x = getattr(self, "_cache", None)
+        if x is None:
+            raise RuntimeError("backward called before forward")
+        if dy.shape != x.shape:
+            raise ValueError(f"dy has shape {tuple(dy.shape)}, forward's output had {tuple(x.shape)}")
+        xp = get_array_module(x)
+        dy = dy.astype(x.dtype, copy=False)
+        bias, logs = self._bias_logs(x.dtype)
+        scale = xp.exp(logs)
+        dx = dy * scale
+        H, W = x.shape[2], x.shape[3]
+        self.grads["bias"] += dx.sum(axis=(0, 2, 3)).astype(self.grads["bias"].dtype)
+        dlogs = (dx * (x + bias)).sum(axis=(0, 2, 3)) + H * W * dlogdet.sum()
+        self.grads["logs"] += dlogs.astype(self.grads["logs"].dtype)
+        return dx

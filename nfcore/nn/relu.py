@@ -1,0 +1,19 @@
+"""ReLU: y = max(x, 0); backward dx = dy where x > 0, else 0. Any shape; no parameters."""
+from ..backend import get_array_module
+from ..layers.base import Layer
+
+
+class ReLU(Layer):
+    """The rectifier of the coupling networks. Caches the mask x > 0 for backward."""
+
+    def forward(self, x):
+        self._mask = x > 0
+        return x * self._mask
+
+    def backward(self, dy):
+        mask = getattr(self, "_mask", None)
+        if mask is None:
+            raise RuntimeError("backward called before forward")
+        if dy.shape != mask.shape:
+            raise ValueError(f"dy has shape {tuple(dy.shape)}, forward's output had {tuple(mask.shape)}")
+        return dy * mask
