@@ -39,22 +39,24 @@ STEP_KINDS = ("finc", "cinc", "emerging", "glow1x1")
 COUPLINGS = ("affine", "quad")
 
 
-def flow_step(invconv, coupling, channels, hidden, k, seed):
+def flow_step(invconv, coupling, channels, hidden, k, seed, dtype=np.float32):
     """The layers of one flow step on ``channels`` channels (see the module docstring)."""
     if invconv not in STEP_KINDS:
         raise ValueError(f"unknown invconv {invconv!r}: choose one of {', '.join(STEP_KINDS)}")
     if coupling not in COUPLINGS:
         raise ValueError(f"unknown coupling {coupling!r}: choose one of {', '.join(COUPLINGS)}")
     make_coupling = AffineCoupling if coupling == "affine" else QuadCoupling
-    couple = make_coupling(channels=channels, hidden=hidden, seed=seed + 3)
     C = channels
+    couple = make_coupling(channels=C, hidden=hidden, dtype=dtype, seed=seed + 3)
+    actnorm = ActNorm(C, dtype=dtype)
+    conv1x1 = Conv1x1(C, dtype=dtype, seed=seed + 1)
     if invconv == "finc":
-        return [FInCUnit(k=k, channels=C, seed=seed), ActNorm(C), Conv1x1(C, seed=seed + 1), couple]
+        return [FInCUnit(k=k, channels=C, dtype=dtype, seed=seed), actnorm, conv1x1, couple]
     if invconv == "cinc":
-        return [ActNorm(C), InvConv(k=k, channels=C, learn_diag=True, seed=seed), couple]
+        return [actnorm, InvConv(k=k, channels=C, learn_diag=True, dtype=dtype, seed=seed), couple]
     if invconv == "emerging":
-        return [ActNorm(C), Conv1x1(C, seed=seed + 1), EmergingConv(k=k, channels=C, seed=seed), couple]
-    return [ActNorm(C), Conv1x1(C, seed=seed + 1), couple]
+        return [actnorm, conv1x1, EmergingConv(k=k, channels=C, dtype=dtype, seed=seed), couple]
+    return [actnorm, conv1x1, couple]
 
 
 class Flow:
@@ -64,12 +66,13 @@ class Flow:
     """
 
     def __init__(self, image_shape, levels=3, steps=32, hidden=512, invconv="finc",
-                 coupling="affine", k=3, seed=0):
+                 coupling="affine", k=3, seed=0, dtype=np.float32):
         C, H, W = image_shape
         if H % 2 ** levels or W % 2 ** levels:
             raise ValueError(f"{levels} levels halve the image {levels} times: {H}×{W} must be "
                              f"divisible by {2 ** levels}")
         self.image_shape = tuple(image_shape)
+        self.dtype = np.dtype(dtype)
         self.config = dict(levels=levels, steps=steps, hidden=hidden, invconv=invconv,
                            coupling=coupling, k=k, seed=seed)
         self.layers = []
@@ -78,9 +81,9 @@ class Flow:
             self.layers.append(Squeeze())
             for step in range(steps):
                 self.layers += flow_step(invconv, coupling, C, hidden, k,
-                                         seed=seed + 1000 * level + 10 * step)
+                                         seed=seed + 1000 * level + 10 * step, dtype=dtype)
             if level < levels - 1:
-                self.layers.append(Split(channels=C))
+                self.layers.append(Split(channels=C, dtype=dtype))
                 C = C // 2                               # the kept half
         self.prior = GaussianPrior()                         # log N(z_top; 0, I)
         self.top_shape = (C, H // 2 ** levels, W // 2 ** levels)   # of z_top
@@ -142,9 +145,10 @@ class Flow:
                              f"top), got {len(latents)}")
         return self.inverse(latents[-1], split_latents=latents[:-1])
 
-    def sample(self, n, temperature=1.0, rng=None, xp=np, dtype=np.float32):
+    def sample(self, n, temperature=1.0, rng=None, xp=np, dtype=None):
         """n images drawn at the given temperature: z ~ N(0, T²) at the top and at every Split."""
         rng = np.random.default_rng() if rng is None else rng
+        dtype = self.dtype if dtype is None else dtype
         z_top = self.prior.sample((n,) + self.top_shape, temperature, rng, dtype, xp)
         return self.inverse(z_top, temperature=temperature, rng=rng)
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 import nfcore
 from data import load_dataset
 
-from .session import load_flow, test_bits_per_dim
+from .session import load_flow, evaluate_bits_per_dim
 
 
 def main(argv=None):
@@ -30,7 +30,7 @@ def main(argv=None):
                                                  image_size=config.get("image_size"))
         images = test_images if args.split == "test" else train_images
         with tqdm(total=len(images), desc=f"{args.split} bpd", unit="img", disable=None) as progress:
-            bpd = test_bits_per_dim(flow, images, config["n_bits"], args.batch_size or config["batch_size"],
+            bpd = evaluate_bits_per_dim(flow, images, config["n_bits"], args.batch_size or config["batch_size"],
                                     config["seed"], progress)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

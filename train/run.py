@@ -30,7 +30,7 @@ from nfcore.optim import Adam
 
 from .images import save_curve
 from .session import (MODEL_KEYS, build_flow, load_flow, optimizer_state, save_samples,
-                      save_training_checkpoint, test_bits_per_dim)
+                      save_training_checkpoint, evaluate_bits_per_dim)
 
 # Per-dataset defaults. cifar10 / imagenet: the published architecture (L=3 levels, K=32 steps,
 # coupling width 512, Adam lr 1e-3 with warm-up, 8 bits). digits: small and fast, so that the
@@ -210,7 +210,7 @@ def train(args):
 
     def evaluate():
         with optimizer.ema_parameters():
-            return test_bits_per_dim(flow, test_images, n_bits, config["batch_size"], seed)
+            return evaluate_bits_per_dim(flow, test_images, n_bits, config["batch_size"], seed)
 
     def samples():
         with optimizer.ema_parameters():

@@ -66,7 +66,7 @@ def optimizer_state(arrays, meta):
     return state
 
 
-def test_bits_per_dim(flow, images, n_bits, batch_size, seed, progress=None):
+def evaluate_bits_per_dim(flow, images, n_bits, batch_size, seed, progress=None):
     """Mean bits/dim over every image of ``images`` (uint8 NCHW), with fixed dequantization
     noise (seeded), so that two evaluations of the same model agree exactly."""
     rng = np.random.default_rng([seed, 2])
