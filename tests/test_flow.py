@@ -71,7 +71,7 @@ def test_loss_gradient_matches_finite_differences(invconv, coupling):
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-9)
 
 
-def evaluate_bits_per_dim_is_log_prob_in_bits():
+def test_bits_per_dim_is_log_prob_in_bits():
     rng = np.random.default_rng(2)
     flow = small_flow("finc", "affine")
     x = images(rng)
