@@ -293,18 +293,39 @@ def test_gaussian_prior():
 
 
 # ---- the networks' convolution against SciPy ---------------------------------------------------
-@pytest.mark.parametrize("k", [1, 3, 5])
-def test_conv2d_matches_scipy_correlate(k):
+@pytest.mark.parametrize("C, O, k", [(3, 4, 1), (3, 4, 3), (3, 4, 5), (5, 2, 3), (5, 2, 1)])
+def test_conv2d_matches_scipy_correlate(C, O, k):
+    """C <= O expands the input side (im2col), C > O the output side: both against SciPy."""
     rng = np.random.default_rng(k)
-    x = rng.standard_normal((2, 3, 5, 6))
-    conv = Conv2d(4, k, seed=k)
+    x = rng.standard_normal((2, C, 5, 6))
+    conv = Conv2d(O, k, seed=k)
     conv.forward(x)
-    conv.params["bias"][...] = rng.standard_normal(4)
+    conv.params["bias"][...] = rng.standard_normal(O)
     y = conv.forward(x)
     w, bias = conv.params["weight"], conv.params["bias"]
     expected = np.stack([[bias[o] + sum(scipy.signal.correlate2d(x[n, c], w[o, c], mode="same")
-                                        for c in range(3)) for o in range(4)] for n in range(2)])
+                                        for c in range(C)) for o in range(O)] for n in range(2)])
     np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    conv.zero_grad()
+    dx = conv.backward(dy)                   # the adjoint: <dy, conv(v)> = <dx, v> for any v
+    v = rng.standard_normal(x.shape)
+    linear = conv.forward(v) - bias[None, :, None, None]
+    np.testing.assert_allclose(np.sum(dy * linear), np.sum(dx * v), rtol=1e-12)
+    np.testing.assert_allclose(conv.grads["weight"],    # dweight from the definition
+                               np.einsum("nohw,nchwab->ocab", dy, _patches(x, k)), rtol=1e-12, atol=1e-12)
+
+
+def _patches(x, k):
+    """(B, C, H, W, k, k): the zero-padded k×k patch around every pixel, written out plainly."""
+    B, C, H, W = x.shape
+    p = k // 2
+    padded = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+    out = np.zeros((B, C, H, W, k, k))
+    for i in range(H):
+        for j in range(W):
+            out[:, :, i, j] = padded[:, :, i:i + k, j:j + k]
+    return out
 
 
 def test_exports():

@@ -10,29 +10,23 @@ padding corners, each with a learned diagonal on its self-tap, applied one after
 Together the receptive field covers the whole k×k neighbourhood (2k-1 wide) in every direction.
 
 The inverse is the published one: each conv is undone by a sequential raster-scan substitution,
-pixel after pixel (H·W steps), parallel only over the batch (``raster_inverse`` in
-nfcore/kernels), first conv2, then conv1. This is deliberately not the wavefront solve that
+pixel after pixel (H·W steps), parallel only over the batch (``raster_inverse`` of
+nfcore/kernels/cpu.py or cuda.py), first conv2, then conv1. This is deliberately not the wavefront solve that
 InvConv.inverse uses: Emerging is the baseline it is measured against.
 
 params: "conv1.weight" (C, C, k, k), "conv1.log_diag" (C,), "conv2.weight", "conv2.log_diag".
 """
-from ..backend import is_cupy_array
-from ..kernels import numpy_ref
+from .. import kernels
 from ..nn.composite import Composite, spawn_seed
 from .base import check_images
 from .invconv import InvConv
 
 
 def raster_inverse(conv, y):
-    """x with conv.forward(x)[0] == y by the raster-scan solve (Numba on CPU, NumPy/CuPy
-    reference on the GPU), in the same grouped layout that InvConv.inverse uses."""
+    """x with conv.forward(x)[0] == y by the raster-scan solve, called exactly as InvConv.inverse
+    calls the wavefront solve (same grouped layout; Numba CPU or CUDA kernel for y's device)."""
     conv._prepare(y, "y")
-    if is_cupy_array(y):
-        solve = numpy_ref.raster_inverse
-    else:
-        from ..kernels import cpu
-        solve = cpu.raster_inverse
-    xg = solve(conv._to_groups(y), conv._kernel_weight(y.dtype))
+    xg = kernels.for_array(y).raster_inverse(conv._to_groups(y), conv._kernel_weight(y.dtype))
     return conv._from_groups(xg)
 
 

@@ -5,7 +5,7 @@ the coupling network conv3×3 → ReLU → conv1×1 → ReLU → Conv2dZero. Com
 made of named parts flattened params / grads ("conv1.weight").
 """
 from .composite import Composite, Namespaced, spawn_seed
-from .conv2d import Conv2d, col2im, im2col
+from .conv2d import Conv2d, col2im, correlate, correlate_transpose, flip, im2col, weight_grad
 from .conv2d_zero import Conv2dZero
 from .network import Network
 from .relu import ReLU
