@@ -1,0 +1,99 @@
+"""InvConv and FInCUnit on CuPy arrays against the same layers on NumPy arrays (real GPU only).
+
+The CuPy path is the one users run: the layer sees CuPy arrays, ``kernels.for_array`` picks the
+CUDA kernels, and they launch on CuPy's current stream. Under the simulator there is no CuPy;
+test_cuda_kernels.py runs the layers on the CUDA kernels with NumPy arrays instead.
+"""
+import numpy as np
+import pytest
+
+import nfcore
+
+from .conftest import AVAILABLE, CUPY, SIMULATOR, SKIP_REASON, to_host
+
+pytestmark = pytest.mark.skipif(
+    not CUPY, reason=SKIP_REASON if not AVAILABLE
+    else "needs CuPy and a real GPU (the simulator has no CuPy: test_cuda_kernels.py runs the "
+         "layers on the CUDA kernels there)" if SIMULATOR
+    else "needs CuPy (a real GPU is present, but CuPy is not installed or sees no GPU)")
+
+DTYPES = (np.float32, np.float64)
+
+
+def assert_close(actual, expected, dtype):
+    actual, expected = to_host(actual), to_host(expected)
+    assert actual.dtype == expected.dtype == dtype and actual.shape == expected.shape
+    tol = 1e-4 if dtype == np.float32 else 1e-11
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
+
+
+def layer_results(make_layer, params, x, dy, dlogdet, xp):
+    """forward, backward, inverse of a fresh layer on ``xp`` arrays, with the given weights."""
+    layer = make_layer()
+    x, dy, dlogdet = xp.asarray(x), xp.asarray(dy), xp.asarray(dlogdet)
+    layer.forward(x)                                  # builds the weights on x's device
+    layer.params = {name: xp.asarray(p) for name, p in params.items()}
+    layer.zero_grad()
+    y, logdet = layer.forward(x)
+    dx = layer.backward(dy, dlogdet)
+    x_back = layer.inverse(y)
+    return [y, logdet, dx, x_back] + [layer.grads[name] for name in sorted(layer.grads)]
+
+
+def check_cupy_against_numpy(make_layer, shape, dtype):
+    import cupy
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    dlogdet = rng.standard_normal(shape[0]).astype(dtype)
+    template = make_layer()
+    template.forward(x)
+    params = {name: p + (0.3 * rng.standard_normal(p.shape)).astype(dtype)
+              for name, p in template.params.items()}
+    on_numpy = layer_results(make_layer, params, x, dy, dlogdet, np)
+    on_cupy = layer_results(make_layer, params, x, dy, dlogdet, cupy)
+    for got, want in zip(on_cupy, on_numpy):
+        assert type(got).__module__.startswith("cupy")
+        assert_close(got, want, dtype)
+    assert_close(on_cupy[3], x, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("learn_diag", [False, True], ids=["unit_diag", "learn_diag"])
+@pytest.mark.parametrize("corner", nfcore.CORNERS)
+def test_invconv_cupy_matches_numpy(corner, learn_diag, k, dtype):
+    def make_layer():
+        return nfcore.InvConv(k=k, corner=corner, learn_diag=learn_diag, seed=1)
+    check_cupy_against_numpy(make_layer, (3, 5, 7, 6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(2, 12, 8, 11), (4, 48, 16, 16)], ids=str)
+def test_finc_unit_cupy_matches_numpy(shape, dtype):
+    """The second shape has more (pixel, channel) items per diagonal than a block has threads."""
+    def make_layer():
+        return nfcore.FInCUnit(k=3, seed=2)
+    check_cupy_against_numpy(make_layer, shape, dtype)
+
+
+def test_kernels_run_on_cupys_current_stream():
+    """Launched on a non-default CuPy stream, the kernels order with the CuPy work around them
+    (no explicit synchronization between them)."""
+    import cupy
+
+    from nfcore.kernels import cpu, cuda as gpu
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 8, 16, 16, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 6, 6)).astype(np.float32) * 0.1
+    for g in range(4):
+        w[g, 2, 2] = np.triu(w[g, 2, 2], 1) + np.eye(6, dtype=np.float32)
+    with cupy.cuda.Stream(non_blocking=True) as stream:
+        x_d = cupy.asarray(x) * 1                       # queued on `stream`
+        y_d = gpu.conv_forward(x_d, cupy.asarray(w))
+        x_back = gpu.wavefront_inverse(y_d + 0, cupy.asarray(w))
+        result = x_back.get(stream=stream)
+        stream.synchronize()
+    np.testing.assert_allclose(result, cpu.wavefront_inverse(cpu.conv_forward(x, w), w),
+                               rtol=1e-4, atol=1e-4)
