@@ -135,6 +135,11 @@ def check_layer(layer, x, perturb=0.0, eps=1e-6, seed=0):
       the central difference's truncation error is O(ε²) ≈ 1e-12 and its rounding error
       ≈ 1e-16·|L|/ε ≈ 1e-10·|L|, both far below the 1e-6 the tests ask for.
 
+    A layer with ReLU networks is only piecewise smooth: if a pre-activation happens to lie
+    within ~ε of zero, the difference quotient straddles the kink and that entry fails with an
+    O(1e-2) error without any bug (1 draw of the ~140 tried on the couplings at these sizes); rerun with
+    another x or seed before suspecting backward.
+
     ``perturb`` > 0 first adds perturb · N(0, 1) to every parameter (this changes the layer),
     so that zero-initialized parts (Conv2dZero) do not make gradients trivially zero.
     The layer is run once on x first (building lazy weights, initializing ActNorm).
