@@ -157,6 +157,12 @@ def test_layer_specific_errors():
     split.forward(np.zeros((1, 4, 2, 2)))
     with pytest.raises(ValueError, match="z2 has shape"):
         split.inverse(np.zeros((1, 2, 2, 2)), z2=np.zeros((1, 3, 2, 2)))
+    # an inverse that runs the networks replaces their caches: a stale backward is refused
+    for layer in [AffineCoupling(hidden=4), Split()]:
+        y, _ = layer.forward(np.ones((1, 4, 2, 2)))
+        layer.inverse(y)
+        with pytest.raises(RuntimeError, match="before forward"):
+            layer.backward(y, np.zeros(1))
 
 
 # ---- zero-initialized layers start where they should ----------------------------------------

@@ -132,8 +132,12 @@ class BlockCoupling(Composite):
         return y, logdet
 
     def inverse(self, y):
-        """x block by block: x_1 = y_1, then x_{k+1} = y_{k+1} / s_k - t_k with f_k(x_1..x_k)."""
+        """x block by block: x_1 = y_1, then x_{k+1} = y_{k+1} / s_k - t_k with f_k(x_1..x_k).
+
+        Running the networks replaces what their forward cached: backward needs a new forward.
+        """
         self._prepare(y, "y")
+        self._cache = None
         x = y.copy()
         for net, lo, hi in self._blocks():
             x[:, lo:hi] = affine_inverse(y[:, lo:hi], net.forward(x[:, :lo]))

@@ -84,6 +84,7 @@ class Split(Composite):
                                "pass channels to the constructor")
         xp = get_array_module(z1)
         if z2 is None:
+            self._cache = None           # the prior conv's cache is replaced: no stale backward
             mean, logs = self.prior_mean_logs(z1)
             z2 = gaussian_sample(mean, logs, temperature, rng)
         else:
