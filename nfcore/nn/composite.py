@@ -21,7 +21,10 @@ def spawn_seed(seed, index):
 
     numpy.random.default_rng accepts a list of integers; appending the part's index gives every
     part its own random stream (seed + index would let part 1 of seed 0 equal part 0 of seed 1).
+    seed None (fresh randomness) stays None.
     """
+    if seed is None:
+        return None
     return [*np.atleast_1d(seed).tolist(), index]
 
 
