@@ -25,7 +25,7 @@ Backward::
 import numpy as np
 
 from ..backend import default_array_module, get_array_module
-from .base import Layer, check_images
+from .base import Layer, check_gradient, check_images
 
 EPS = 1e-6
 
@@ -98,10 +98,7 @@ class ActNorm(Layer):
     def backward(self, dy, dlogdet):
         """dx from dy (B, C, H, W) and dlogdet (B,); adds dL/dbias and dL/dlogs."""
         x = getattr(self, "_cache", None)
-        if x is None:
-            raise RuntimeError("backward called before forward")
-        if dy.shape != x.shape:
-            raise ValueError(f"dy has shape {tuple(dy.shape)}, forward's output had {tuple(x.shape)}")
+        check_gradient(dy, None if x is None else x.shape)
         xp = get_array_module(x)
         dy = dy.astype(x.dtype, copy=False)
         bias, logs = self._bias_logs(x.dtype)

@@ -62,3 +62,13 @@ def check_images(x, name="x", channels=None, finite=True):
         raise ValueError(f"{name} has {C} channels but the layer was built for {channels}")
     if finite and not bool(get_array_module(x).isfinite(x).all()):
         raise NonFiniteError(f"{name} contains NaN or Inf")
+
+
+def check_gradient(dy, expected_shape, name="dy"):
+    """Raise a clear error unless forward has run (``expected_shape`` is not None) and ``dy``
+    has the shape of forward's output, ``expected_shape``."""
+    if expected_shape is None:
+        raise RuntimeError("backward called before forward")
+    if tuple(dy.shape) != tuple(expected_shape):
+        raise ValueError(f"{name} has shape {tuple(dy.shape)}, forward's output had "
+                         f"{tuple(expected_shape)}")

@@ -27,7 +27,7 @@ import numpy as np
 import scipy.linalg
 
 from ..backend import default_array_module, get_array_module, to_numpy
-from .base import Layer, check_images
+from .base import Layer, check_gradient, check_images
 
 
 class Conv1x1(Layer):
@@ -108,10 +108,7 @@ class Conv1x1(Layer):
     def backward(self, dy, dlogdet):
         """dx from dy (B, C, H, W) and dlogdet (B,); adds dL/dlower, dL/dupper, dL/dlog_s."""
         x = getattr(self, "_cache", None)
-        if x is None:
-            raise RuntimeError("backward called before forward")
-        if dy.shape != x.shape:
-            raise ValueError(f"dy has shape {tuple(dy.shape)}, forward's output had {tuple(x.shape)}")
+        check_gradient(dy, None if x is None else x.shape)
         xp = get_array_module(x)
         dy = dy.astype(x.dtype, copy=False)
         W_matrix, L, U = self.factors(x.dtype)

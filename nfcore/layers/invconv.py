@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import kernels
 from ..backend import default_array_module, get_array_module
-from .base import Layer, check_images
+from .base import Layer, check_gradient, check_images
 
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 # (flip rows, flip columns) that turn each corner into the top-left form
@@ -165,12 +165,10 @@ class GroupedMaskedConv(Layer):
         dweight = dW_eff ⊙ mask                       (masked entries and diagonal get 0)
         dlog_diag[c] = dW_eff[c, c, k-1, k-1] * exp(s_c) + H·W·Σ_n dlogdet[n]
         """
-        if getattr(self, "_cache", None) is None:
-            raise RuntimeError("backward called before forward")
-        xg, shape = self._cache
+        cache = getattr(self, "_cache", None)
+        check_gradient(dy, None if cache is None else cache[1])
         check_images(dy, "dy", self.channels, finite=False)
-        if dy.shape != shape:
-            raise ValueError(f"dy has shape {tuple(dy.shape)}, forward's output had {shape}")
+        xg, shape = cache
         kernel = kernels.for_array(dy)
         dyg = self._to_groups(dy.astype(xg.dtype, copy=False))
         dxg = kernel.conv_input_grad(dyg, self._kernel_weight(xg.dtype))

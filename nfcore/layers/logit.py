@@ -16,7 +16,7 @@ Inputs outside [-0.5, 0.5] raise ValueError. No parameters.
 import math
 
 from ..backend import get_array_module
-from .base import Layer, check_images
+from .base import Layer, check_gradient, check_images
 
 
 class Logit(Layer):
@@ -51,10 +51,7 @@ class Logit(Layer):
 
     def backward(self, dy, dlogdet):
         p = getattr(self, "_p_cache", None)
-        if p is None:
-            raise RuntimeError("backward called before forward")
-        if dy.shape != p.shape:
-            raise ValueError(f"dy has shape {tuple(dy.shape)}, forward's output had {tuple(p.shape)}")
+        check_gradient(dy, None if p is None else p.shape)
         a = 1 - 2 * self.alpha
         g = dlogdet.astype(p.dtype, copy=False)[:, None, None, None]
         return dy * a / (p * (1 - p)) + g * a * (1 / (1 - p) - 1 / p)

@@ -10,7 +10,7 @@ reshape (B, C, H/2, 2, W/2, 2), transpose to (B, C, 2, 2, H/2, W/2)). A permutat
 logdet = 0, and backward is the inverse permutation applied to dy.
 """
 from ..backend import get_array_module
-from .base import Layer, check_images
+from .base import Layer, check_gradient, check_images
 
 
 def squeeze(x):
@@ -46,10 +46,8 @@ class Squeeze(Layer):
 
     def backward(self, dy, dlogdet):
         shape = getattr(self, "_shape", None)
-        if shape is None:
-            raise RuntimeError("backward called before forward")
-        B, C, H, W = shape
-        if tuple(dy.shape) != (B, 4 * C, H // 2, W // 2):
-            raise ValueError(f"dy has shape {tuple(dy.shape)}, forward's output had "
-                             f"{(B, 4 * C, H // 2, W // 2)}")
+        if shape is not None:
+            B, C, H, W = shape
+            shape = (B, 4 * C, H // 2, W // 2)
+        check_gradient(dy, shape)
         return unsqueeze(dy)

@@ -41,7 +41,7 @@ Not invertible: forward(x) -> y and backward(dy) -> dx only.
 import numpy as np
 
 from ..backend import default_array_module, get_array_module
-from ..layers.base import Layer, check_images
+from ..layers.base import Layer, check_gradient, check_images
 
 
 def im2col(x, k):
@@ -166,12 +166,8 @@ class Conv2d(Layer):
     def backward(self, dy):
         """dx (B, C, H, W) from dy (B, O, H, W); adds dL/dweight and dL/dbias into grads."""
         x = getattr(self, "_cache", None)
-        if x is None:
-            raise RuntimeError("backward called before forward")
-        B, C, H, W = x.shape
-        if dy.shape != (B, self.out_channels, H, W):
-            raise ValueError(f"dy has shape {tuple(dy.shape)}, forward's output had "
-                             f"{(B, self.out_channels, H, W)}")
+        B, C, H, W = x.shape if x is not None else (None,) * 4
+        check_gradient(dy, None if x is None else (B, self.out_channels, H, W))
         dy = dy.astype(x.dtype, copy=False)
         weight = self.params["weight"].astype(x.dtype, copy=False)
         if self._expand_input():

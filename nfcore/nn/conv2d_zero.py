@@ -17,6 +17,7 @@ Backward, with e = exp(3 · logs)::
 import numpy as np
 
 from ..backend import get_array_module
+from ..layers.base import check_gradient
 from .conv2d import Conv2d
 
 LOGSCALE_FACTOR = 3.0
@@ -43,11 +44,9 @@ class Conv2dZero(Conv2d):
         return u * self._scale(u.dtype)
 
     def backward(self, dy):
-        if getattr(self, "_cache", None) is None:
-            raise RuntimeError("backward called before forward")
+        cached = getattr(self, "_cache", None) is not None
+        check_gradient(dy, self._u.shape if cached else None)
         u = self._u
-        if dy.shape != u.shape:
-            raise ValueError(f"dy has shape {tuple(dy.shape)}, forward's output had {tuple(u.shape)}")
         dy = dy.astype(u.dtype, copy=False)
         scale = self._scale(u.dtype)
         dlogs = LOGSCALE_FACTOR * (dy * u * scale).sum(axis=(0, 2, 3))

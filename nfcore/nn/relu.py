@@ -1,6 +1,6 @@
 """ReLU: y = max(x, 0); backward dx = dy where x > 0, else 0. Any shape; no parameters."""
 from ..backend import get_array_module
-from ..layers.base import Layer
+from ..layers.base import Layer, check_gradient
 
 
 class ReLU(Layer):
@@ -12,8 +12,5 @@ class ReLU(Layer):
 
     def backward(self, dy):
         mask = getattr(self, "_mask", None)
-        if mask is None:
-            raise RuntimeError("backward called before forward")
-        if dy.shape != mask.shape:
-            raise ValueError(f"dy has shape {tuple(dy.shape)}, forward's output had {tuple(mask.shape)}")
+        check_gradient(dy, None if mask is None else mask.shape)
         return dy * mask
