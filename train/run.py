@@ -45,6 +45,7 @@ DEFAULTS = {
     "imagenet64": dict(PAPER, levels=4),
     "celeba": dict(PAPER, levels=4, n_bits=5), "folder": dict(PAPER, levels=4, n_bits=5),
 }
+FIXED_DEFAULTS = dict(dataset="digits", invconv="finc", coupling="affine", k=3, seed=0)
 MAX_BAD_STEPS = 20   # this many non-finite steps in a row stop the run
 
 
@@ -53,7 +54,7 @@ def parse_args(argv=None):
         prog="python -m train.run", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--dataset", default="digits", choices=DATASETS,
+    add("--dataset", choices=DATASETS,
         help="data set (default: digits, bundled with scikit-learn, needs no files)")
     add("--data-dir", help="folder holding the data set's files (default ~/.cache/nfcore/<name>)")
     add("--download", action="store_true", help="fetch cifar10 / mnist when missing (checksummed)")
@@ -62,11 +63,11 @@ def parse_args(argv=None):
     model.add_argument("--levels", type=int, help="L: levels of the multi-scale flow")
     model.add_argument("--steps", type=int, help="K: flow steps per level")
     model.add_argument("--hidden", type=int, help="width of the coupling networks")
-    model.add_argument("--invconv", default="finc", choices=STEP_KINDS,
+    model.add_argument("--invconv", choices=STEP_KINDS,
                        help="flow step: finc (FInC unit + 1x1), cinc (CInC 3x3), emerging "
                             "(1x1 + Emerging conv), glow1x1 (1x1 only). Default finc")
-    model.add_argument("--coupling", default="affine", choices=COUPLINGS, help="default affine")
-    model.add_argument("--k", type=int, default=3, help="kernel size of the k×k convolutions")
+    model.add_argument("--coupling", choices=COUPLINGS, help="default affine")
+    model.add_argument("--k", type=int, help="kernel size of the k×k convolutions (default 3)")
     model.add_argument("--n-bits", type=int, help="bits per pixel the images are reduced to")
     opt = parser.add_argument_group("training (defaults depend on --dataset)")
     opt.add_argument("--batch-size", type=int)
@@ -83,9 +84,14 @@ def parse_args(argv=None):
     add("--out", default="runs/latest", help="output folder (default runs/latest)")
     add("--resume", nargs="?", const="auto", metavar="CKPT",
         help="continue from CKPT (default: <out>/checkpoint.h5)")
-    add("--seed", type=int, default=0, help="seed of weights, data order and noise")
+    add("--seed", type=int, help="seed of weights, data order and noise (default 0)")
     add("--backend", default="cpu", choices=("cpu", "gpu"), help="cpu (NumPy + Numba) or gpu (CuPy)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.given = {key for key, value in vars(args).items() if value is not None}
+    for key, value in FIXED_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def make_config(args, image_shape):
@@ -104,14 +110,9 @@ def make_config(args, image_shape):
 def check_resume_matches(args, config):
     """Refuse to resume with a model or data setting that differs from the checkpoint's."""
     for key in MODEL_KEYS + ("n_bits", "batch_size", "dataset"):
-        given = getattr(args, key, None)
-        if key in ("invconv", "coupling", "k", "seed", "dataset"):
-            default = {"invconv": "finc", "coupling": "affine", "k": 3, "seed": 0,
-                       "dataset": "digits"}[key]
-            given = None if given == default else given
-        if given is not None and given != config[key]:
+        if key in args.given and getattr(args, key) != config[key]:
             raise SystemExit(f"error: the checkpoint was trained with --{key.replace('_', '-')} "
-                             f"{config[key]}, not {given}; drop the option to resume")
+                             f"{config[key]}, not {getattr(args, key)}; drop the option to resume")
 
 
 class Batches:
@@ -201,7 +202,7 @@ def train(args):
 
     def checkpoint():
         save_training_checkpoint(checkpoint_path, flow, optimizer,
-                                 {"config": config, "step": step, "history_length": len(history)})
+                                 {"config": config, "step": step})
 
     def log(record):
         history.append(record)
