@@ -14,12 +14,15 @@ with like. Columns:
     np-wave / np-raster   the same two solves as NumPy loops, one vectorized step per
                  anti-diagonal / per pixel: the step-count ratio without compiled code
     backward     InvConv.backward (input and weight gradients)
+    torch        PyTorch's conv2d (oneDNN) on the same shape, only if torch is importable:
+                 a reference for the forward's speed, never a dependency of nfcore
 
 and, on a small case, the dense SciPy LU solve of the same system (one sample).
 """
 import argparse
 import time
 
+import numba
 import numpy as np
 import scipy.linalg
 
@@ -67,6 +70,9 @@ def bench_size(B, C, H, k, xp, kernels, sync, numpy_loops):
     row["inverse"] = best_time(lambda: layer.inverse(y), repeats_for(row["forward"]), sync)
     row["raster"] = best_time(lambda: kernels.raster_inverse(yg, wk), repeats_for(row["inverse"], most=5), sync)
     row["backward"] = best_time(lambda: layer.backward(y, xp.ones(B, dtype)), repeats_for(row["forward"]), sync)
+    torch_conv = torch_conv2d(B, C, H, k) if xp is np else None
+    if torch_conv is not None:
+        row["torch"] = best_time(torch_conv, repeats_for(row["forward"]))
     if numpy_loops:
         row["np_wave"] = best_time(lambda: numpy_ref.wavefront_inverse(yg, wk), 2, sync)
         row["np_raster"] = best_time(lambda: numpy_ref.raster_inverse(yg, wk), 1, sync)
@@ -74,6 +80,18 @@ def bench_size(B, C, H, k, xp, kernels, sync, numpy_loops):
     x_back = layer.inverse(y)
     row["error"] = float(abs(x_back - x).max() / abs(x).max())
     return row
+
+
+def torch_conv2d(B, C, H, k):
+    """A call of PyTorch's conv2d on the padded input (the same flops), or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(numba.get_num_threads())
+    x = torch.randn(B, C, H + k - 1, H + k - 1)
+    w = torch.randn(C, C, k, k)
+    return lambda: torch.nn.functional.conv2d(x, w)
 
 
 def bench_dense(C, H, k, xp, sync, gpu):
@@ -116,7 +134,6 @@ def main(argv=None):
         sizes = args.sizes or [32, 64]
     else:
         from nfcore.kernels import cpu as kernels
-        import numba
         xp, sync = np, (lambda: None)
         device = f"CPU, {numba.get_num_threads()} Numba threads"
         sizes = args.sizes or [16, 32, 64]
@@ -126,6 +143,9 @@ def main(argv=None):
     print(f"InvConv benchmark: B={B}, C={C}, k={k}, float32, {device}; best of several runs, ms")
     header = (f"{'size':>7} {'forward':>9} {'GF/s':>6} {'inverse':>9} {'inv/fwd':>8} "
               f"{'raster':>9} {'raster/inv':>10} {'backward':>9}")
+    has_torch = not args.gpu and torch_conv2d(1, 1, 1, 1) is not None
+    if has_torch:
+        header += f" {'torch':>7} {'fwd/torch':>9}"
     if numpy_loops:
         header += f" {'np-wave':>9} {'np-raster':>10} {'ratio':>6}"
     print(header)
@@ -134,6 +154,8 @@ def main(argv=None):
         line = (f"{r['size']:>7} {r['forward'] * 1e3:9.2f} {r['gflops']:6.1f} {r['inverse'] * 1e3:9.2f} "
                 f"{r['inverse'] / r['forward']:8.2f} {r['raster'] * 1e3:9.2f} "
                 f"{r['raster'] / r['inverse']:10.2f} {r['backward'] * 1e3:9.2f}")
+        if has_torch:
+            line += f" {r['torch'] * 1e3:7.2f} {r['forward'] / r['torch']:9.1f}"
         if numpy_loops:
             line += (f" {r['np_wave'] * 1e3:9.1f} {r['np_raster'] * 1e3:10.1f} "
                      f"{r['np_raster'] / r['np_wave']:6.1f}")

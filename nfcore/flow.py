@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 from .backend import get_array_module
-from .layers import (ActNorm, AffineCoupling, Conv1x1, EmergingConv, FInCUnit, InvConv,
+from .layers import (ActNorm, NonFiniteError, AffineCoupling, Conv1x1, EmergingConv, FInCUnit, InvConv,
                      QuadCoupling, Split, Squeeze)
 from .layers.prior import GaussianPrior
 from .objective import bits_per_dim
@@ -150,7 +150,14 @@ class Flow:
         rng = np.random.default_rng() if rng is None else rng
         dtype = self.dtype if dtype is None else dtype
         z_top = self.prior.sample((n,) + self.top_shape, temperature, rng, dtype, xp)
-        return self.inverse(z_top, temperature=temperature, rng=rng)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):   # reported below instead
+                return self.inverse(z_top, temperature=temperature, rng=rng)
+        except NonFiniteError as error:
+            raise NonFiniteError(
+                f"sampling diverged at temperature {temperature}: an inverse overflowed to "
+                f"NaN/Inf ({error}); the model sends some latents far from the data, try a "
+                f"lower temperature") from error
 
     def inverse(self, z_top, split_latents=None, temperature=1.0, rng=None):
         """x from z_top, walking the layers backwards. Each Split takes its z2 from

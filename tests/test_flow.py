@@ -118,3 +118,11 @@ def test_bad_configuration_errors():
         Flow((1, 12, 12), levels=3)
     with pytest.raises(ValueError, match="unknown invconv"):
         Flow((1, 8, 8), levels=2, invconv="dense")
+
+
+def test_sampling_that_overflows_says_so(monkeypatch):
+    flow = small_flow("glow1x1", "affine", dtype=np.float32)
+    top_layer = flow.layers[-1]
+    monkeypatch.setattr(top_layer, "inverse", lambda y: np.full_like(y, np.inf))
+    with pytest.raises(ValueError, match="sampling diverged at temperature 1.0.*lower temperature"):
+        flow.sample(4, temperature=1.0, rng=np.random.default_rng(0))

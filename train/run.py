@@ -216,8 +216,12 @@ def train(args):
     def samples():
         with optimizer.ema_parameters():
             for temperature in (0.7, 1.0):
-                save_samples(flow, os.path.join(args.out, f"samples_step{step}_t{temperature}.png"),
-                             64, temperature, n_bits, seed=[seed, 4, step])
+                try:
+                    save_samples(flow, os.path.join(args.out, f"samples_step{step}_t{temperature}.png"),
+                                 64, temperature, n_bits, seed=[seed, 4, step])
+                except NonFiniteError as error:      # a bad draw must not end the run
+                    log({"step": step, "sampling_failed": str(error)})
+                    progress.write(f"step {step}: {error}")
 
     def curve():
         save_curve({"train": [(r["step"], r["train_bpd"]) for r in history if "train_bpd" in r],
@@ -298,8 +302,6 @@ def main(argv=None):
     try:
         return train(args)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
-        if isinstance(error, NonFiniteError):
-            raise
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1)
 
