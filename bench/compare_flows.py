@@ -1,6 +1,6 @@
 """The four flow steps side by side on one data set, same budget, same seed.
 
-    python bench/compare_flows.py                      # digits, 920 steps each (40 epochs)
+    python bench/compare_flows.py                      # digits, 1150 steps each (50 epochs)
     python bench/compare_flows.py --max-steps 300 --coupling quad
 
 For each of finc, cinc, emerging and glow1x1 it trains with ``train.run`` (every other setting
@@ -45,7 +45,7 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--data-dir")
-    parser.add_argument("--max-steps", type=int, default=920)
+    parser.add_argument("--max-steps", type=int, default=1150)
     parser.add_argument("--coupling", default="affine", choices=COUPLINGS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--invconv", nargs="+", default=list(STEP_KINDS), choices=STEP_KINDS)

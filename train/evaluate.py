@@ -11,7 +11,7 @@ from tqdm import tqdm
 import nfcore
 from data import load_dataset
 
-from .session import load_flow, evaluate_bits_per_dim
+from .session import BLAS_THREADS_HELP, limit_blas_threads, load_flow, evaluate_bits_per_dim
 
 
 def main(argv=None):
@@ -21,9 +21,11 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=None, help="default: as in training")
     parser.add_argument("--split", default="test", choices=("test", "train"))
     parser.add_argument("--backend", default="cpu", choices=("cpu", "gpu"))
+    parser.add_argument("--blas-threads", type=int, default=1, help=BLAS_THREADS_HELP)
     args = parser.parse_args(argv)
     try:
         nfcore.set_backend(args.backend)
+        limit_blas_threads(args.blas_threads)
         flow, meta, _ = load_flow(args.ckpt)
         config = meta["config"]
         train_images, test_images = load_dataset(config["dataset"], args.data_dir,

@@ -29,7 +29,7 @@ from nfcore.layers import NonFiniteError
 from nfcore.optim import Adam
 
 from .images import save_curve
-from .session import (MODEL_KEYS, build_flow, load_flow, optimizer_state, save_samples,
+from .session import (BLAS_THREADS_HELP, MODEL_KEYS, limit_blas_threads, build_flow, load_flow, optimizer_state, save_samples,
                       save_training_checkpoint, evaluate_bits_per_dim)
 
 # Per-dataset defaults. cifar10 / imagenet: the published architecture (L=3 levels, K=32 steps,
@@ -38,8 +38,8 @@ from .session import (MODEL_KEYS, build_flow, load_flow, optimizer_state, save_s
 PAPER = dict(levels=3, steps=32, hidden=512, n_bits=8, batch_size=64, lr=1e-3, warmup=2000,
              epochs=100, eval_every=2000, sample_every=2000)
 DEFAULTS = {
-    "digits": dict(levels=2, steps=4, hidden=32, n_bits=4, batch_size=64, lr=2e-3, warmup=100,
-                   epochs=40, eval_every=200, sample_every=400),
+    "digits": dict(levels=2, steps=8, hidden=64, n_bits=4, batch_size=64, lr=1e-3, warmup=200,
+                   epochs=50, eval_every=250, sample_every=500),
     "mnist": dict(PAPER, levels=2, steps=16, hidden=256, eval_every=1000, sample_every=1000),
     "cifar10": PAPER, "imagenet32": PAPER,
     "imagenet64": dict(PAPER, levels=4),
@@ -86,6 +86,7 @@ def parse_args(argv=None):
         help="continue from CKPT (default: <out>/checkpoint.h5)")
     add("--seed", type=int, help="seed of weights, data order and noise (default 0)")
     add("--backend", default="cpu", choices=("cpu", "gpu"), help="cpu (NumPy + Numba) or gpu (CuPy)")
+    add("--blas-threads", type=int, default=1, help=BLAS_THREADS_HELP)
     args = parser.parse_args(argv)
     args.given = {key for key, value in vars(args).items() if value is not None}
     for key, value in FIXED_DEFAULTS.items():
@@ -155,6 +156,7 @@ def write_history(path, records):
 
 def train(args):
     nfcore.set_backend(args.backend)
+    limit_blas_threads(args.blas_threads)
     checkpoint_path = os.path.join(args.out, "checkpoint.h5")
     resume_path = None
     if args.resume is not None:

@@ -8,7 +8,7 @@ import time
 
 import nfcore
 
-from .session import load_flow, save_samples
+from .session import BLAS_THREADS_HELP, limit_blas_threads, load_flow, save_samples
 
 
 def main(argv=None):
@@ -20,11 +20,13 @@ def main(argv=None):
     parser.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="cpu", choices=("cpu", "gpu"))
+    parser.add_argument("--blas-threads", type=int, default=1, help=BLAS_THREADS_HELP)
     args = parser.parse_args(argv)
     if args.n < 1 or args.temperature < 0:
         parser.error("--n must be positive and --temperature non-negative")
     try:
         nfcore.set_backend(args.backend)
+        limit_blas_threads(args.blas_threads)
         flow, meta, _ = load_flow(args.ckpt)
         started = time.time()
         save_samples(flow, args.out, args.n, args.temperature, meta["config"]["n_bits"], args.seed)
