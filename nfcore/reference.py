@@ -74,11 +74,13 @@ def jacobian(layer, x):
 
 def slogdet(matrices):
     """(sign, log|det|) of each matrix, via SciPy's LU (like numpy.linalg.slogdet)."""
+    matrices = np.asarray(matrices)
     signs, logdets = [], []
-    for M in np.atleast_3d(matrices) if np.ndim(matrices) == 3 else [matrices]:
-        lu, _ = scipy.linalg.lu_factor(M)
+    for M in matrices[None] if matrices.ndim == 2 else matrices:
+        lu, pivots = scipy.linalg.lu_factor(M)
         diag = np.diag(lu)
-        signs.append(np.prod(np.sign(diag)))
+        row_swaps = np.count_nonzero(pivots != np.arange(len(pivots)))   # each flips the sign
+        signs.append(np.prod(np.sign(diag)) * (-1) ** row_swaps)
         logdets.append(np.sum(np.log(np.abs(diag))))
     return np.array(signs), np.array(logdets)
 

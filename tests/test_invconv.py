@@ -282,3 +282,12 @@ def test_bad_constructor_arguments():
         nfcore.InvConv(k=0)
     with pytest.raises(ValueError, match="unknown corner"):
         nfcore.InvConv(k=3, corner="middle")
+
+
+def test_reference_slogdet_matches_numpy_including_sign():
+    rng = np.random.default_rng(12)
+    matrices = rng.standard_normal((6, 7, 7))
+    sign, logdet = reference.slogdet(matrices)
+    expected_sign, expected_logdet = np.linalg.slogdet(matrices)
+    np.testing.assert_array_equal(sign, expected_sign)
+    np.testing.assert_allclose(logdet, expected_logdet, rtol=1e-12)
