@@ -14,12 +14,13 @@ with like. Columns:
     np-wave / np-raster   the same two solves as NumPy loops, one vectorized step per
                  anti-diagonal / per pixel: the step-count ratio without compiled code
     backward     InvConv.backward (input and weight gradients)
-    torch        PyTorch's conv2d (oneDNN) on the same shape, only if torch is importable:
-                 a reference for the forward's speed, never a dependency of nfcore
+    torch        with --torch: PyTorch's conv2d (oneDNN) on the same shape, a reference for the
+                 forward's speed (torch is never a dependency of nfcore)
 
 and, on a small case, the dense SciPy LU solve of the same system (one sample).
 """
 import argparse
+import importlib.util
 import time
 
 import numba
@@ -56,7 +57,7 @@ def make_layer(C, k, xp, dtype):
     return layer
 
 
-def bench_size(B, C, H, k, xp, kernels, sync, numpy_loops):
+def bench_size(B, C, H, k, xp, kernels, sync, numpy_loops, with_torch):
     dtype = np.float32
     layer = make_layer(C, k, xp, dtype)
     x = xp.asarray(np.random.default_rng(1).standard_normal((B, C, H, H)), dtype=dtype)
@@ -70,7 +71,7 @@ def bench_size(B, C, H, k, xp, kernels, sync, numpy_loops):
     row["inverse"] = best_time(lambda: layer.inverse(y), repeats_for(row["forward"]), sync)
     row["raster"] = best_time(lambda: kernels.raster_inverse(yg, wk), repeats_for(row["inverse"], most=5), sync)
     row["backward"] = best_time(lambda: layer.backward(y, xp.ones(B, dtype)), repeats_for(row["forward"]), sync)
-    torch_conv = torch_conv2d(B, C, H, k) if xp is np else None
+    torch_conv = torch_conv2d(B, C, H, k) if with_torch else None
     if torch_conv is not None:
         row["torch"] = best_time(torch_conv, repeats_for(row["forward"]))
     if numpy_loops:
@@ -83,11 +84,8 @@ def bench_size(B, C, H, k, xp, kernels, sync, numpy_loops):
 
 
 def torch_conv2d(B, C, H, k):
-    """A call of PyTorch's conv2d on the padded input (the same flops), or None without torch."""
-    try:
-        import torch
-    except ImportError:
-        return None
+    """A call of PyTorch's conv2d on the padded input (the same flops)."""
+    import torch
     torch.set_num_threads(numba.get_num_threads())
     x = torch.randn(B, C, H + k - 1, H + k - 1)
     w = torch.randn(C, C, k, k)
@@ -124,6 +122,8 @@ def main(argv=None):
     parser.add_argument("--no-numpy-loops", action="store_true",
                         help="skip the slow NumPy step loops (np-wave, np-raster)")
     parser.add_argument("--gpu", action="store_true", help="run the CUDA kernels on CuPy arrays")
+    parser.add_argument("--torch", action="store_true",
+                        help="add PyTorch's conv2d on the same shape (needs torch installed)")
     args = parser.parse_args(argv)
 
     if args.gpu:
@@ -143,14 +143,16 @@ def main(argv=None):
     print(f"InvConv benchmark: B={B}, C={C}, k={k}, float32, {device}; best of several runs, ms")
     header = (f"{'size':>7} {'forward':>9} {'GF/s':>6} {'inverse':>9} {'inv/fwd':>8} "
               f"{'raster':>9} {'raster/inv':>10} {'backward':>9}")
-    has_torch = not args.gpu and torch_conv2d(1, 1, 1, 1) is not None
+    has_torch = args.torch and not args.gpu
+    if has_torch and importlib.util.find_spec("torch") is None:
+        parser.error("--torch needs PyTorch installed beside nfcore (pip install torch)")
     if has_torch:
         header += f" {'torch':>7} {'fwd/torch':>9}"
     if numpy_loops:
         header += f" {'np-wave':>9} {'np-raster':>10} {'ratio':>6}"
     print(header)
     for H in sizes:
-        r = bench_size(B, C, H, k, xp, kernels, sync, numpy_loops)
+        r = bench_size(B, C, H, k, xp, kernels, sync, numpy_loops, has_torch)
         line = (f"{r['size']:>7} {r['forward'] * 1e3:9.2f} {r['gflops']:6.1f} {r['inverse'] * 1e3:9.2f} "
                 f"{r['inverse'] / r['forward']:8.2f} {r['raster'] * 1e3:9.2f} "
                 f"{r['raster'] / r['inverse']:10.2f} {r['backward'] * 1e3:9.2f}")
