@@ -242,9 +242,9 @@ def test_inverse_works_on_its_own_and_is_reproducible():
 
 def test_parameter_count():
     C, k = 6, 3
-    layer = nfcore.InvConv(k=k, channels=C)
-    mask = nfcore.layers.invconv.self_tap_mask(C, k)
-    assert mask.sum() == (k * k - 1) * C * C + C * (C - 1) // 2
+    layer = nfcore.InvConv(k=k, channels=C)          # the mask the layer applies, one group
+    assert layer.params["weight"].shape == (C, C, k, k)
+    assert layer._mask.sum() == (k * k - 1) * C * C + C * (C - 1) // 2
 
 
 def test_float32_input_with_float64_weights():

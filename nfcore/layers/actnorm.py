@@ -22,9 +22,8 @@ Backward::
     dbias  = sum_{n,i,j} dy * exp(logs)
     dlogs  = sum_{n,i,j} dy * y  +  H · W · sum_n dlogdet[n]
 """
-import numpy as np
 
-from ..backend import default_array_module, get_array_module
+from ..backend import get_array_module
 from .base import Layer, check_gradient, check_images
 
 EPS = 1e-6
@@ -35,11 +34,8 @@ class ActNorm(Layer):
 
     def __init__(self, channels=None, dtype=None):
         super().__init__()
-        self.dtype = None if dtype is None else np.dtype(dtype)
-        self.channels = None
         self.initialized = False
-        if channels is not None:
-            self._build(channels, default_array_module(), self.dtype or np.float32)
+        self._lazy_parameters(channels, dtype)
 
     def _build(self, channels, xp, dtype):
         self.channels = int(channels)
@@ -75,10 +71,8 @@ class ActNorm(Layer):
 
     def forward(self, x):
         """y, logdet; the first call initializes bias and logs from x."""
-        check_images(x, "x", self.channels)
+        self._prepare(x, "x")
         xp = get_array_module(x)
-        if self.channels is None:
-            self._build(x.shape[1], xp, self.dtype or x.dtype)
         if not self.initialized:
             self.initialize(x)
         bias, logs = self._bias_logs(x.dtype)

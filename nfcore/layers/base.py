@@ -11,7 +11,7 @@ with ``+=`` by ``backward`` and zeroed by the optimizer (``zero_grad``).
 """
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import default_array_module, get_array_module
 
 
 class Layer:
@@ -20,6 +20,23 @@ class Layer:
     def __init__(self):
         self.params = {}
         self.grads = {}
+
+    def _lazy_parameters(self, channels, dtype, seed=0):
+        """Remember the dtype and seed, and build the parameters now when ``channels`` is
+        given, else on the first input (``_prepare``). Subclasses define
+        ``_build(channels, xp, dtype)``; without a dtype, parameters made now are float32 and
+        parameters made on first use take the input's dtype."""
+        self.dtype = None if dtype is None else np.dtype(dtype)
+        self.seed = seed
+        self.channels = None
+        if channels is not None:
+            self._build(channels, default_array_module(), self.dtype or np.float32)
+
+    def _prepare(self, x, name):
+        """Check an input, and build the parameters from its channel count on first use."""
+        check_images(x, name, self.channels)
+        if self.channels is None:
+            self._build(x.shape[1], get_array_module(x), self.dtype or x.dtype)
 
     def zero_grad(self):
         for name, param in self.params.items():

@@ -27,7 +27,7 @@ import numpy as np
 import scipy.linalg
 
 from ..backend import default_array_module, get_array_module, to_numpy
-from .base import Layer, check_gradient, check_images
+from .base import Layer, check_gradient
 
 
 class Conv1x1(Layer):
@@ -35,11 +35,7 @@ class Conv1x1(Layer):
 
     def __init__(self, channels=None, dtype=None, seed=0):
         super().__init__()
-        self.dtype = None if dtype is None else np.dtype(dtype)
-        self.seed = seed
-        self.channels = None
-        if channels is not None:
-            self._build(channels, default_array_module(), self.dtype or np.float32)
+        self._lazy_parameters(channels, dtype, seed)
 
     def _build(self, channels, xp, dtype):
         rng = np.random.default_rng(self.seed)
@@ -76,11 +72,6 @@ class Conv1x1(Layer):
         L = xp.tril(lower, -1) + eye
         U = xp.triu(upper, 1) + eye * (self.sign_s.astype(dtype) * xp.exp(log_s))
         return (L @ U)[self.perm], L, U
-
-    def _prepare(self, x, name):
-        check_images(x, name, self.channels)
-        if self.channels is None:
-            self._build(x.shape[1], get_array_module(x), self.dtype or x.dtype)
 
     @staticmethod
     def _mix(matrix, x):

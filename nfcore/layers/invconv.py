@@ -29,7 +29,7 @@ all solved in the same anti-diagonal sweep. InvConv is one group; FInCUnit (finc
 import numpy as np
 
 from .. import kernels
-from ..backend import default_array_module, get_array_module
+from ..backend import get_array_module
 from .base import Layer, check_gradient, check_images
 
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
@@ -63,11 +63,7 @@ class GroupedMaskedConv(Layer):
         self.k = int(k)
         self.corners = tuple(corners)
         self.learn_diag = learn_diag
-        self.dtype = None if dtype is None else np.dtype(dtype)
-        self.seed = seed
-        self.channels = None
-        if channels is not None:
-            self._build(channels, default_array_module(), self.dtype or np.float32)
+        self._lazy_parameters(channels, dtype, seed)
 
     # ---- parameters ---------------------------------------------------------------------
     def _build(self, channels, xp, dtype):
@@ -125,12 +121,6 @@ class GroupedMaskedConv(Layer):
             flip_rows, flip_cols = _FLIPS[corner]
             out[:, g] = xg[g, :, ::-1 if flip_rows else 1, ::-1 if flip_cols else 1].transpose(0, 3, 1, 2)
         return out.reshape(B, G * Cg, H, W)
-
-    def _prepare(self, x, name):
-        """Check the input and create the weights on first use."""
-        check_images(x, name, self.channels)
-        if self.channels is None:
-            self._build(x.shape[1], get_array_module(x), self.dtype or x.dtype)
 
     # ---- the layer contract -------------------------------------------------------------
     def logdet(self, B, H, W, xp, dtype):

@@ -1,5 +1,4 @@
 """ReLU: y = max(x, 0); backward dx = dy where x > 0, else 0. Any shape; no parameters."""
-from ..backend import get_array_module
 from ..layers.base import Layer, check_gradient
 
 
