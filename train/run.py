@@ -50,9 +50,12 @@ MAX_BAD_STEPS = 20   # this many non-finite steps in a row stop the run
 
 
 def parse_args(argv=None):
+    defaults = "\n".join(f"  {name:<11}" + " ".join(f"{key}={value}" for key, value in values.items())
+                         for name, values in DEFAULTS.items())
     parser = argparse.ArgumentParser(
         prog="python -m train.run", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=__doc__.split("\n\n", 1)[1] + "\nDefaults per data set (options override them):\n"
+        + defaults, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--dataset", choices=DATASETS,
         help="data set (default: digits, bundled with scikit-learn, needs no files)")
