@@ -90,14 +90,17 @@ class Flow:
         self.n_dims = int(np.prod(image_shape))
 
     # ---- density -------------------------------------------------------------------------
-    def forward(self, x):
-        """(z_top, logdet): the top latent and Σ of every layer's logdet (Splits included)."""
+    def forward(self, x, keep_caches=True):
+        """(z_top, logdet): the top latent and Σ of every layer's logdet (Splits included).
+        ``keep_caches=False`` drops each layer's cache right after it ran (memory-saving mode)."""
         xp = get_array_module(x)
         logdet = xp.zeros(x.shape[0], dtype=x.dtype)
         h = x
         for layer in self.layers:
             h, layer_logdet = layer.forward(h)
             logdet = logdet + layer_logdet
+            if not keep_caches:
+                layer.release()
         return h, logdet
 
     def log_prob(self, x):
@@ -110,20 +113,32 @@ class Flow:
         z, logdet = self.forward(x)
         return bits_per_dim(self.prior.forward(z), logdet, self.n_dims, n_bits)
 
-    def loss_and_backward(self, x, n_bits):
+    def loss_and_backward(self, x, n_bits, recompute=False):
         """The mean bits/dim of the batch, and its gradient added into every layer's grads.
 
         loss = mean_n bpd_n, so d loss / d logdet_n = −1 / (B·D·ln 2) for every layer and for
         the prior's log p(z_top)_n alike; the prior turns that into d loss / d z_top.
+
+        ``recompute`` is the memory-saving mode: no layer keeps its activations after the
+        forward pass; walking back, each layer's input is rebuilt from its output with
+        ``inverse`` and its forward rerun before its backward. Memory for one layer's
+        activations instead of all of them, for one inverse and one more forward per layer:
+        the reason a fast inverse matters for training too.
         """
         B = x.shape[0]
-        z, logdet = self.forward(x)
+        z, logdet = self.forward(x, keep_caches=not recompute)
         bpd = bits_per_dim(self.prior.forward(z), logdet, self.n_dims, n_bits)
         xp = get_array_module(x)
         dlogdet = xp.full(B, -1.0 / (B * self.n_dims * math.log(2)), dtype=x.dtype)
         dh = self.prior.backward(dlogdet)          # d loss / d log p(z) = d loss / d logdet
+        h = z
         for layer in reversed(self.layers):
+            if recompute:
+                h = layer.inverse(h, z2=layer.z2) if isinstance(layer, Split) else layer.inverse(h)
+                layer.forward(h)
             dh = layer.backward(dh, dlogdet)
+            if recompute:
+                layer.release()
         return float(bpd.mean()), bpd
 
     # ---- sampling and reconstruction -----------------------------------------------------

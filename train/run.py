@@ -79,6 +79,9 @@ def parse_args(argv=None):
     opt.add_argument("--max-grad-norm", type=float, default=50.0, help="global-norm clipping")
     opt.add_argument("--ema", type=float, default=None, help="EMA decay of the weights used "
                                                              "for evaluation (e.g. 0.999)")
+    opt.add_argument("--recompute", action="store_true",
+                     help="memory-saving mode: backward rebuilds each layer's input with its "
+                          "inverse instead of keeping every activation")
     opt.add_argument("--epochs", type=int, help="passes over the training set")
     opt.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
     opt.add_argument("--time-budget", type=float, help="stop training after this many seconds")
@@ -107,7 +110,8 @@ def make_config(args, image_shape):
             config[key] = getattr(args, key)
     config.update(dataset=args.dataset, image_shape=list(image_shape), invconv=args.invconv,
                   coupling=args.coupling, k=args.k, seed=args.seed, max_steps=args.max_steps,
-                  max_grad_norm=args.max_grad_norm, ema=args.ema, image_size=args.image_size)
+                  max_grad_norm=args.max_grad_norm, ema=args.ema, image_size=args.image_size,
+                  recompute=args.recompute)
     return config
 
 
@@ -245,7 +249,7 @@ def train(args):
             x = batches(step)
             optimizer.zero_grad()
             try:
-                loss, _ = flow.loss_and_backward(x, n_bits)
+                loss, _ = flow.loss_and_backward(x, n_bits, recompute=config.get("recompute", False))
                 if not math.isfinite(loss):
                     raise NonFiniteError(f"loss is {loss}")
                 grad_norm = optimizer.step()

@@ -38,6 +38,10 @@ class Layer:
         if self.channels is None:
             self._build(x.shape[1], get_array_module(x), self.dtype or x.dtype)
 
+    def release(self):
+        """Drop what forward cached for backward (the memory-saving mode calls this)."""
+        self._cache = None
+
     def zero_grad(self):
         for name, param in self.params.items():
             self.grads[name] = get_array_module(param).zeros_like(param)

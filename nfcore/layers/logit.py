@@ -39,7 +39,7 @@ class Logit(Layer):
                              f"[{float(x.min())}, {float(x.max())}]")
         p = self._p(x)
         log_p, log_1mp = xp.log(p), xp.log1p(-p)
-        self._p_cache = p
+        self._cache = p
         logdet = (math.log(1 - 2 * self.alpha) - log_p - log_1mp).reshape(x.shape[0], -1).sum(axis=1)
         return log_p - log_1mp, logdet
 
@@ -50,7 +50,7 @@ class Logit(Layer):
         return (p - self.alpha) / (1 - 2 * self.alpha) - 0.5
 
     def backward(self, dy, dlogdet):
-        p = getattr(self, "_p_cache", None)
+        p = getattr(self, "_cache", None)
         check_gradient(dy, None if p is None else p.shape)
         a = 1 - 2 * self.alpha
         g = dlogdet.astype(p.dtype, copy=False)[:, None, None, None]

@@ -76,6 +76,11 @@ class Composite(Layer):
         for part in self.parts.values():
             part.zero_grad()
 
+    def release(self):
+        self._cache = None
+        for part in self.parts.values():
+            part.release()
+
     def state(self):
         """The parts' states under "part.key" (e.g. an inner ActNorm's "norm1.initialized")."""
         return {f"{name}.{key}": value for name, part in self.parts.items()

@@ -43,6 +43,10 @@ class Conv2dZero(Conv2d):
         self._u = u
         return u * self._scale(u.dtype)
 
+    def release(self):
+        super().release()
+        self._u = None
+
     def backward(self, dy):
         cached = getattr(self, "_cache", None) is not None
         check_gradient(dy, self._u.shape if cached else None)

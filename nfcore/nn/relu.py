@@ -6,10 +6,10 @@ class ReLU(Layer):
     """The rectifier of the coupling networks. Caches the mask x > 0 for backward."""
 
     def forward(self, x):
-        self._mask = x > 0
-        return x * self._mask
+        self._cache = x > 0
+        return x * self._cache
 
     def backward(self, dy):
-        mask = getattr(self, "_mask", None)
+        mask = getattr(self, "_cache", None)
         check_gradient(dy, None if mask is None else mask.shape)
         return dy * mask
