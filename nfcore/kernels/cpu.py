@@ -22,6 +22,8 @@ straight into ``y``, the inverse straight into ``x``.
 import numpy as np
 from numba import njit, prange
 
+from . import input_grad_by_flips
+
 
 @njit(inline="always")
 def _add_taps(out, x, w, g, n, i, j, include_self):
@@ -144,11 +146,5 @@ def conv_weight_grad(x, dy, k):
 
 
 def conv_input_grad(dy, w):
-    """dx[g, n, i, j, ci] = sum_{a, b, co} w[g, a, b, ci, co] * dy[g, n, i+(k-1)-a, j+(k-1)-b, co].
-
-    This is the top-left convolution again, of the flipped dy with the channel-transposed w,
-    flipped back: substitute i -> H-1-i and the bottom-right padding becomes top-left.
-    """
-    w_transposed = np.ascontiguousarray(w.transpose(0, 1, 2, 4, 3))
-    dy_flipped = np.ascontiguousarray(dy[:, :, ::-1, ::-1, :])
-    return np.ascontiguousarray(conv_forward(dy_flipped, w_transposed)[:, :, ::-1, ::-1, :])
+    """dx = the gradient of conv_forward with respect to x: see ``input_grad_by_flips``."""
+    return input_grad_by_flips(conv_forward, dy, w)

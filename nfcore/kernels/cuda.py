@@ -63,6 +63,7 @@ import numpy as np
 from numba import cuda
 
 from ..backend import is_cupy_array
+from . import input_grad_by_flips
 
 THREADS_PER_BLOCK = 128   # the flat kernels (one thread per output element)
 # Threads per block of the solve kernels, at most: ptxas (CUDA 12.9, sm_90) gives them about 64
@@ -120,41 +121,6 @@ def _conv_forward_kernel(x, w, y, zero):
             for ci in range(C_in):
                 acc += w[g, a, b, ci, co] * x[g, n, ii, jj, ci]
     y[g, n, i, j, co] = acc
-
-
-@cuda.jit
-def _conv_input_grad_kernel(dy, w, dx, zero):
-    """dx[g, n, i, j, ci] = sum_{a, b, co} w[g, a, b, ci, co] * dy[g, n, i+(k-1)-a, j+(k-1)-b, co].
-
-    The transposed convolution (zero past the bottom and right edges), computed directly: one
-    thread per element of dx, the flat index t running over (g, n, i, j, ci), ci fastest.
-    """
-    G, B, H, W, C_out = dy.shape
-    k = w.shape[1]
-    C_in = w.shape[3]
-    t = cuda.grid(1)
-    if t >= G * B * H * W * C_in:
-        return
-    ci = t % C_in
-    p = t // C_in
-    j = p % W
-    p //= W
-    i = p % H
-    p //= H
-    n = p % B
-    g = p // B
-    acc = zero
-    for a in range(k):
-        ii = i + (k - 1) - a
-        if ii >= H:
-            continue
-        for b in range(k):
-            jj = j + (k - 1) - b
-            if jj >= W:
-                continue
-            for co in range(C_out):
-                acc += w[g, a, b, ci, co] * dy[g, n, ii, jj, co]
-    dx[g, n, i, j, ci] = acc
 
 
 @cuda.jit
@@ -418,23 +384,13 @@ def conv_forward(x, w):
 
 
 def conv_input_grad(dy, w):
-    """dx[g, n, i, j, ci] = sum_{a, b, co} w[g, a, b, ci, co] * dy[g, n, i+(k-1)-a, j+(k-1)-b, co].
-
-    The gradient of ``conv_forward`` with respect to x (dy: (G, B, H, W, C_out)), zero past the
-    bottom and right edges.
-    """
-    dtype = _dtype(dy)
+    """dx = the gradient of ``conv_forward`` with respect to x (dy: (G, B, H, W, C_out)): the
+    forward kernel run on the flipped dy, see ``input_grad_by_flips``."""
     G, B, H, W, C_out = dy.shape
     if w.ndim != 5 or w.shape[4] != C_out:
         raise ValueError(f"w must have shape (G, k, k, C_in, {C_out}) to match dy, "
                          f"got {tuple(w.shape)}")
-    C_in = w.shape[3]
-    call = _Call(dy)
-    dy_d, w_d = call.input(dy, dtype), call.input(w, dtype)
-    dx_d = call.output((G, B, H, W, C_in), dtype)
-    call.launch(_conv_input_grad_kernel, _blocks(G * B * H * W * C_in), THREADS_PER_BLOCK,
-                dy_d, w_d, dx_d, dtype.type(0))
-    return call.result(dx_d)
+    return input_grad_by_flips(conv_forward, dy, w)
 
 
 def conv_weight_grad(x, dy, k):
