@@ -291,3 +291,13 @@ def test_reference_slogdet_matches_numpy_including_sign():
     expected_sign, expected_logdet = np.linalg.slogdet(matrices)
     np.testing.assert_array_equal(sign, expected_sign)
     np.testing.assert_allclose(logdet, expected_logdet, rtol=1e-12)
+
+
+def test_raster_method_solves_the_same_system():
+    rng = np.random.default_rng(13)
+    layer = nfcore.InvConv(k=3, channels=4, corner="bottom-left", learn_diag=True, dtype=np.float64)
+    random_params(layer, rng)
+    y = rng.standard_normal((2, 4, 5, 6))
+    np.testing.assert_allclose(layer.inverse(y, method="raster"), layer.inverse(y), rtol=0, atol=1e-13)
+    with pytest.raises(ValueError, match="unknown inverse method"):
+        layer.inverse(y, method="dense")

@@ -10,24 +10,15 @@ padding corners, each with a learned diagonal on its self-tap, applied one after
 Together the receptive field covers the whole k×k neighbourhood (2k-1 wide) in every direction.
 
 The inverse is the published one: each conv is undone by a sequential raster-scan substitution,
-pixel after pixel (H·W steps), parallel only over the batch (``raster_inverse`` of
-nfcore/kernels/cpu.py or cuda.py), first conv2, then conv1. This is deliberately not the wavefront solve that
+pixel after pixel (H·W steps), parallel only over the batch (``InvConv.inverse(y,
+method="raster")``), first conv2, then conv1. This is deliberately not the wavefront solve that
 InvConv.inverse uses: Emerging is the baseline it is measured against.
 
 params: "conv1.weight" (C, C, k, k), "conv1.log_diag" (C,), "conv2.weight", "conv2.log_diag".
 """
-from .. import kernels
 from ..nn.composite import Composite, spawn_seed
 from .base import check_images
 from .invconv import InvConv
-
-
-def raster_inverse(conv, y):
-    """x with conv.forward(x)[0] == y by the raster-scan solve, called exactly as InvConv.inverse
-    calls the wavefront solve (same grouped layout; Numba CPU or CUDA kernel for y's device)."""
-    conv._prepare(y, "y")
-    xg = kernels.for_array(y).raster_inverse(conv._to_groups(y), conv._kernel_weight(y.dtype))
-    return conv._from_groups(xg)
 
 
 class EmergingConv(Composite):
@@ -51,7 +42,7 @@ class EmergingConv(Composite):
 
     def inverse(self, y):
         check_images(y, "y", self.channels)
-        return raster_inverse(self.conv1, raster_inverse(self.conv2, y))
+        return self.conv1.inverse(self.conv2.inverse(y, method="raster"), method="raster")
 
     def backward(self, dy, dlogdet):
         return self.conv1.backward(self.conv2.backward(dy, dlogdet), dlogdet)

@@ -140,11 +140,16 @@ class GroupedMaskedConv(Layer):
         B, _, H, W = x.shape
         return self._from_groups(yg), self.logdet(B, H, W, xp, x.dtype)
 
-    def inverse(self, y):
-        """x with forward(x)[0] == y: the wavefront solve (H+W-1 sequential steps)."""
+    def inverse(self, y, method="wavefront"):
+        """x with forward(x)[0] == y. ``method``: "wavefront", anti-diagonal after anti-diagonal
+        (H+W-1 sequential steps); "raster", pixel after pixel (H·W sequential steps, Emerging's
+        published way, kept as the baseline)."""
+        if method not in ("wavefront", "raster"):
+            raise ValueError(f"unknown inverse method {method!r}: choose wavefront or raster")
         self._prepare(y, "y")
-        yg = self._to_groups(y)
-        xg = kernels.for_array(y).wavefront_inverse(yg, self._kernel_weight(y.dtype))
+        kernel = kernels.for_array(y)
+        solve = kernel.wavefront_inverse if method == "wavefront" else kernel.raster_inverse
+        xg = solve(self._to_groups(y), self._kernel_weight(y.dtype))
         return self._from_groups(xg)
 
     def backward(self, dy, dlogdet):
