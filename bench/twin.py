@@ -1,0 +1,662 @@
+"""A PyTorch twin of nfcore.flow.Flow: the same flow, layer for layer, to time nfcore against.
+
+    python bench/twin.py                                  # agreement check, then the small preset
+    python bench/twin.py --preset wide --invconv finc glow1x1
+    python bench/twin.py --check-only                     # the agreement check alone
+    python bench/twin.py --preset paper --invconv finc    # the papers' model, one step
+
+What the twin is: a reference for nfcore's speed. It is Flow's architecture written the way a
+PyTorch user would write it: nn.Conv2d coupling networks, the masked k×k convolution as F.pad on
+its corner + masked weight + F.conv2d (as the FInC code does), its inverse a loop in PyTorch over
+anti-diagonals (over pixels for Emerging, as nfcore), autograd for the gradients,
+torch.optim.Adam with clip_grad_norm_. ``from_nfcore`` copies every parameter and layer state of
+an nfcore Flow (after its ActNorm initialization). Before timing anything, both are checked to
+compute the same thing: log p per sample, every latent, every parameter gradient of the mean
+bits/dim, and decode from the same latents, to 1e-10 (float64) or 1e-4 (float32) of the largest
+value of nfcore's array; the run stops with exit status 1 otherwise.
+
+What it is not: a second implementation to use. No checkpoints, data sets, GPU path, warm-up
+schedule or EMA; nothing in nfcore imports torch (install it with pip install -e .[bench]).
+
+Timing, in one process, float32, the same thread count on both sides (torch.set_num_threads
+and numba.set_num_threads; nfcore's NumPy BLAS gets --blas-threads, 1 as in train.run), on
+uniform-noise 8-bit images of CIFAR's shape, dequantized as train.run does:
+
+    train step   forward + backward + Adam step (global-norm clipping at 50): images/s, best of
+                 several (paper: one step)
+    sample       100 images at temperature 0.7, ONE thread on both sides: seconds, best of several
+
+Ratios are nfcore's speed over torch's: above 1, nfcore is faster.
+"""
+import argparse
+import contextlib
+import math
+import sys
+import time
+
+import numba
+import numpy as np
+import threadpoolctl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data import preprocess
+from nfcore import layers as nf
+from nfcore.backend import to_numpy
+from nfcore.flow import COUPLINGS, STEP_KINDS, Flow
+from nfcore.layers.coupling import SCALE_SHIFT
+from nfcore.layers.invconv import GroupedMaskedConv
+from nfcore.nn.conv2d_zero import LOGSCALE_FACTOR
+from nfcore.optim import Adam
+
+IMAGE_SHAPE = (3, 32, 32)        # CIFAR-10's
+N_BITS = 8
+MAX_GRAD_NORM = 50.0             # train.run's default clipping
+LR = 1e-3
+TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}  # of max |nfcore's array|
+TORCH_DTYPE = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}
+PRESETS = {   # image 3×32×32, L levels of K steps, coupling width, batch
+    "small": dict(levels=3, steps=4, hidden=64, batch=64),
+    "wide": dict(levels=3, steps=2, hidden=512, batch=16),
+    "paper": dict(levels=3, steps=32, hidden=512, batch=64),
+}
+LOG_2PI = math.log(2 * math.pi)
+
+
+# ---- the layers: forward(x) -> (y, logdet (B,)), inverse(y) -> x ------------------------------
+# Submodules and parameters carry nfcore's names, so that a twin layer's named_parameters()
+# has exactly the keys of the nfcore layer's params ("nn.conv1.weight", "conv2.log_diag", ...).
+
+class Squeeze(nn.Module):
+    """(B, C, H, W) -> (B, 4C, H/2, W/2): y[n, 4c + 2·di + dj, i, j] = x[n, c, 2i + di, 2j + dj]."""
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        y = x.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 2, 4)
+        return y.reshape(B, 4 * C, H // 2, W // 2), x.new_zeros(B)
+
+    def inverse(self, y):
+        B, C4, H, W = y.shape
+        x = y.reshape(B, C4 // 4, 2, 2, H, W).permute(0, 1, 4, 2, 5, 3)
+        return x.reshape(B, C4 // 4, 2 * H, 2 * W)
+
+
+class ActNorm(nn.Module):
+    """y = (x + bias) · exp(logs) per channel; logdet = H·W·Σ logs. The data-dependent
+    initialization is nfcore's: ``from_nfcore`` copies bias and logs after it has run."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.logs = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        y = (x + self.bias[:, None, None]) * self.logs.exp()[:, None, None]
+        return y, (H * W * self.logs.sum()).expand(B)
+
+    def inverse(self, y):
+        return y * (-self.logs).exp()[:, None, None] - self.bias[:, None, None]
+
+
+class Conv1x1(nn.Module):
+    """Glow's LU 1×1 convolution: W = P·L·U with L = tril(lower, -1) + I and
+    U = triu(upper, 1) + diag(sign_s · exp(log_s)); logdet = H·W·Σ log_s.
+    perm (P as row indices) and sign_s are fixed buffers."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.lower = nn.Parameter(torch.zeros(channels, channels))
+        self.upper = nn.Parameter(torch.zeros(channels, channels))
+        self.log_s = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("perm", torch.arange(channels))
+        self.register_buffer("sign_s", torch.ones(channels))
+
+    def weight(self):
+        """W (C, C)."""
+        eye = torch.eye(len(self.log_s), dtype=self.log_s.dtype)
+        L = self.lower.tril(-1) + eye
+        U = self.upper.triu(1) + torch.diag(self.sign_s * self.log_s.exp())
+        return (L @ U)[self.perm]
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        return F.conv2d(x, self.weight()[:, :, None, None]), (H * W * self.log_s.sum()).expand(B)
+
+    def inverse(self, y):
+        """W⁻¹ in float64 (as nfcore), applied per pixel."""
+        W_inverse = torch.linalg.inv(self.weight().double()).to(y.dtype)
+        return F.conv2d(y, W_inverse[:, :, None, None])
+
+
+def corner_padding(corner, k):
+    """F.pad's (left, right, top, bottom) for a masked conv whose taps reach towards ``corner``,
+    and the image axes to flip to turn it into the top-left form (flip the weight the same way)."""
+    top, left = corner.startswith("top"), corner.endswith("left")
+    pad = ((k - 1, 0) if left else (0, k - 1)) + ((k - 1, 0) if top else (0, k - 1))
+    flips = ([] if top else [-2]) + ([] if left else [-1])
+    return pad, flips
+
+
+def solve_top_left(y, w, pixel_order):
+    """x with conv_top_left(x, w) = y, solved group of pixels after group of pixels.
+
+    y (G, B, C, H, W); w (G, C, C, k, k), the effective weights, top-left form:
+        y[g, n, co, i, j] = Σ_{ci,a,b} w[g, co, ci, a, b] · x[g, n, ci, i-(k-1)+a, j-(k-1)+b]
+    ``pixel_order``: (rows, cols) index tensors, each a set of pixels that depend only on pixels
+    of earlier sets (anti-diagonals i + j = d, or single pixels in raster order). Per set:
+        r = y[pixels] − (every tap applied to x, the unknown pixels still 0)
+        x[pixels] = S⁻¹ r      S = w[..., k-1, k-1], the lower-triangular self-tap
+    """
+    G, B, C, H, W = y.shape
+    k = w.shape[-1]
+    x = y.new_zeros(G, B, C, H + k - 1, W + k - 1)     # padded on the top and the left
+    self_tap = w[:, None, :, :, k - 1, k - 1]          # (G, 1, C, C)
+    taps = torch.arange(k)
+    for rows, cols in pixel_order:
+        patches = x[..., rows[:, None, None] + taps[:, None], cols[:, None, None] + taps]
+        r = y[..., rows, cols] - torch.einsum("goiab,gniqab->gnoq", w, patches)
+        x[..., rows + k - 1, cols + k - 1] = torch.linalg.solve_triangular(self_tap, r, upper=False)
+    return x[..., k - 1:, k - 1:]
+
+
+def wavefront_order(H, W):
+    """The anti-diagonals i + j = 0 .. H+W-2: every pixel of one solved at once."""
+    order = []
+    for d in range(H + W - 1):
+        rows = torch.arange(max(0, d - W + 1), min(d, H - 1) + 1)
+        order.append((rows, d - rows))
+    return order
+
+
+def raster_order(H, W):
+    """One pixel at a time, row after row (Emerging's published inverse)."""
+    return [(torch.tensor([i]), torch.tensor([j])) for i in range(H) for j in range(W)]
+
+
+class MaskedConv(nn.Module):
+    """The masked k×k invertible convolution on G channel groups, one padding corner each:
+    nfcore's InvConv (G = 1, params "weight" (C, C, k, k), "log_diag" (C,)) and FInCUnit
+    (G = 4 corners, "weight" (4, C/4, C/4, k, k), "log_diag" (4, C/4)).
+
+    Group g: F.conv2d(F.pad(x_g, its corner), W_eff flipped to that corner), where
+    W_eff = weight ⊙ mask with the self-tap (a = b = k-1) lower triangular and its diagonal
+    1 or exp(log_diag); logdet = H·W·Σ log_diag (0 without ``learn_diag``).
+    Inverse: each group flipped into the top-left form, then ``solve_top_left`` over
+    anti-diagonals ("wavefront") or pixels ("raster").
+    """
+
+    def __init__(self, channels, k, corners, learn_diag, inverse_order="wavefront"):
+        super().__init__()
+        self.k, self.corners, self.G = k, tuple(corners), len(corners)
+        Cg = channels // self.G
+        shape = (self.G, Cg, Cg, k, k) if self.G > 1 else (Cg, Cg, k, k)
+        self.weight = nn.Parameter(torch.zeros(shape))
+        self.log_diag = nn.Parameter(torch.zeros(shape[:-3])) if learn_diag else None
+        self.order = wavefront_order if inverse_order == "wavefront" else raster_order
+        mask = torch.ones(Cg, Cg, k, k)
+        mask[:, :, k - 1, k - 1] = torch.ones(Cg, Cg).tril(-1)
+        self_tap_eye = torch.zeros(Cg, Cg, k, k)
+        self_tap_eye[:, :, k - 1, k - 1] = torch.eye(Cg)
+        self.register_buffer("mask", mask)
+        self.register_buffer("self_tap_eye", self_tap_eye)
+
+    def effective_weight(self):
+        """(G, Cg, Cg, k, k): weight ⊙ mask, the self-tap diagonal set to 1 or exp(log_diag)."""
+        G, (Cg, k) = self.G, self.mask.shape[1:3]
+        w = self.weight.reshape(G, Cg, Cg, k, k) * self.mask
+        if self.log_diag is None:
+            return w + self.self_tap_eye
+        return w + self.self_tap_eye * self.log_diag.reshape(G, Cg).exp()[:, :, None, None, None]
+
+    def logdet(self, x):
+        B, _, H, W = x.shape
+        if self.log_diag is None:
+            return x.new_zeros(B)
+        return (H * W * self.log_diag.sum()).expand(B)
+
+    def forward(self, x):
+        outputs = []
+        for x_g, w_g, corner in zip(x.chunk(self.G, dim=1), self.effective_weight(), self.corners):
+            pad, flips = corner_padding(corner, self.k)
+            outputs.append(F.conv2d(F.pad(x_g, pad), w_g.flip(flips) if flips else w_g))
+        return torch.cat(outputs, dim=1), self.logdet(x)
+
+    def inverse(self, y):
+        flips = [corner_padding(corner, self.k)[1] for corner in self.corners]
+        y_top_left = torch.stack([y_g.flip(f) if f else y_g
+                                  for y_g, f in zip(y.chunk(self.G, dim=1), flips)])
+        x = solve_top_left(y_top_left, self.effective_weight(), self.order(*y.shape[2:]))
+        return torch.cat([x_g.flip(f) if f else x_g for x_g, f in zip(x, flips)], dim=1)
+
+
+class EmergingConv(nn.Module):
+    """Emerging convolution: conv2(conv1(x)), masked k×k convs with learned diagonals, corners
+    top-left then bottom-right; inverted pixel by pixel (raster), as nfcore does."""
+
+    def __init__(self, channels, k):
+        super().__init__()
+        self.conv1 = MaskedConv(channels, k, ("top-left",), True, inverse_order="raster")
+        self.conv2 = MaskedConv(channels, k, ("bottom-right",), True, inverse_order="raster")
+
+    def forward(self, x):
+        u, logdet1 = self.conv1(x)
+        y, logdet2 = self.conv2(u)
+        return y, logdet1 + logdet2
+
+    def inverse(self, y):
+        return self.conv1.inverse(self.conv2.inverse(y))
+
+
+class Conv2dZero(nn.Conv2d):
+    """Glow's zero-initialized last conv, 3×3 same padding: y = (conv(x) + bias) · exp(3·logs)."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__(in_channels, out_channels, 3, padding=1)
+        self.logs = nn.Parameter(torch.zeros(out_channels))
+
+    def forward(self, x):
+        return super().forward(x) * (LOGSCALE_FACTOR * self.logs).exp()[:, None, None]
+
+
+class Network(nn.Module):
+    """The coupling network: conv3×3 → ReLU → conv1×1 → ReLU → Conv2dZero 3×3."""
+
+    def __init__(self, in_channels, hidden, out_channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, hidden, 1)
+        self.conv3 = Conv2dZero(hidden, out_channels)
+
+    def forward(self, x):
+        return self.conv3(F.relu(self.conv2(F.relu(self.conv1(x)))))
+
+
+class Coupling(nn.Module):
+    """Affine coupling on n channel blocks (affine: n = 2, network "nn"; quad: n = 4, "f1".."f3").
+    Block k+1 (channels bounds[k] .. bounds[k+1]-1 of n, bounds[k] = k·C // n) from the blocks
+    before it::
+
+        shift, raw = f_k(x[:, :bounds[k]]).chunk(2)
+        y_{k+1} = (x_{k+1} + shift) · sigmoid(raw + 2),    logdet += Σ log sigmoid(raw + 2)
+    """
+
+    def __init__(self, net_names, channels, hidden):
+        super().__init__()
+        n = len(net_names) + 1
+        self.bounds = [k * channels // n for k in range(n + 1)]
+        self.net_names = tuple(net_names)
+        for k, name in enumerate(self.net_names):
+            size_in, size_out = self.bounds[k + 1], self.bounds[k + 2] - self.bounds[k + 1]
+            self.add_module(name, Network(size_in, hidden, 2 * size_out))
+
+    def blocks(self):
+        """(network, lo, hi): the network that transforms channels lo .. hi-1 from x[:, :lo]."""
+        for k, name in enumerate(self.net_names):
+            yield getattr(self, name), self.bounds[k + 1], self.bounds[k + 2]
+
+    def forward(self, x):
+        outputs, logdet = [x[:, :self.bounds[1]]], 0
+        for net, lo, hi in self.blocks():
+            shift, raw = net(x[:, :lo]).chunk(2, dim=1)
+            log_s = F.logsigmoid(raw + SCALE_SHIFT)
+            outputs.append((x[:, lo:hi] + shift) * log_s.exp())
+            logdet = logdet + log_s.sum(dim=(1, 2, 3))
+        return torch.cat(outputs, dim=1), logdet
+
+    def inverse(self, y):
+        x = y[:, :self.bounds[1]]
+        for net, lo, hi in self.blocks():          # x holds the blocks before lo, solved already
+            shift, raw = net(x).chunk(2, dim=1)
+            x = torch.cat([x, y[:, lo:hi] * (-F.logsigmoid(raw + SCALE_SHIFT)).exp() - shift], dim=1)
+        return x
+
+
+def gaussian_log_prob(z, mean=0.0, logs=0.0):
+    """(B,) log N(z; mean, exp(logs)²), summed over each sample's values."""
+    logs = torch.as_tensor(logs, dtype=z.dtype)
+    elementwise = -0.5 * (LOG_2PI + 2 * logs + (z - mean) ** 2 * (-2 * logs).exp())
+    return elementwise.flatten(1).sum(dim=1)
+
+
+class Split(nn.Module):
+    """Keep z1 = x[:, :C//2], factor out z2 under N(mean, exp(logs)²), [mean, logs] = prior(z1)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.kept = channels // 2
+        self.prior = Conv2dZero(self.kept, 2 * (channels - self.kept))
+
+    def forward(self, x):
+        """(z1, log p(z2 | z1) (B,), z2)."""
+        z1, z2 = x[:, :self.kept], x[:, self.kept:]
+        mean, logs = self.prior(z1).chunk(2, dim=1)
+        return z1, gaussian_log_prob(z2, mean, logs), z2
+
+    def inverse(self, z1, z2=None, temperature=1.0):
+        """[z1, z2], z2 drawn as mean + temperature · exp(logs) · ε when not given."""
+        if z2 is None:
+            mean, logs = self.prior(z1).chunk(2, dim=1)
+            z2 = mean + temperature * logs.exp() * torch.randn_like(mean)
+        return torch.cat([z1, z2], dim=1)
+
+
+class TwinFlow(nn.Module):
+    """The flow: ``layers`` in nfcore's order, a standard normal on z_top.
+    log p(x) = log N(z_top; 0, I) + Σ logdets (Splits' log p(z2 | z1) included)."""
+
+    def __init__(self, layers, top_shape):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.top_shape = tuple(top_shape)
+
+    def forward(self, x):
+        """(z_top, logdet (B,), [z2 of each Split])."""
+        h, logdet, split_latents = x, 0, []
+        for layer in self.layers:
+            if isinstance(layer, Split):
+                h, layer_logdet, z2 = layer(h)
+                split_latents.append(z2)
+            else:
+                h, layer_logdet = layer(h)
+            logdet = logdet + layer_logdet
+        return h, logdet, split_latents
+
+    def log_prob(self, x):
+        z, logdet, _ = self(x)
+        return gaussian_log_prob(z) + logdet
+
+    def bits_per_dim(self, x, n_bits):
+        """(B,) (−log p(x) + D·n_bits·ln 2) / (D·ln 2), D = C·H·W."""
+        D = x[0].numel()
+        return (-self.log_prob(x) + D * n_bits * math.log(2)) / (D * math.log(2))
+
+    def encode(self, x):
+        z, _, split_latents = self(x)
+        return split_latents + [z]
+
+    def decode(self, latents):
+        return self.inverse(latents[-1], split_latents=latents[:-1])
+
+    def inverse(self, z_top, split_latents=None, temperature=1.0):
+        given = list(split_latents) if split_latents is not None else None
+        h = z_top
+        for layer in reversed(self.layers):
+            if isinstance(layer, Split):
+                h = layer.inverse(h, given.pop() if given is not None else None, temperature)
+            else:
+                h = layer.inverse(h)
+        return h
+
+    def sample(self, n, temperature=1.0):
+        dtype = next(self.parameters()).dtype
+        z_top = temperature * torch.randn(n, *self.top_shape, dtype=dtype)
+        return self.inverse(z_top, temperature=temperature)
+
+
+# ---- from nfcore -------------------------------------------------------------------------------
+
+def twin_layer(layer):
+    """The torch layer of one nfcore layer, with its shapes (parameters copied afterwards)."""
+    if isinstance(layer, nf.Squeeze):
+        return Squeeze()
+    if isinstance(layer, nf.ActNorm):
+        if not layer.initialized:
+            raise ValueError("an ActNorm of the flow is not initialized: run one forward pass of "
+                             "the nfcore flow on data first, so that both share its initialization")
+        return ActNorm(layer.channels)
+    if isinstance(layer, nf.Conv1x1):
+        return Conv1x1(layer.channels)
+    if isinstance(layer, GroupedMaskedConv):
+        return MaskedConv(layer.channels, layer.k, layer.corners, layer.learn_diag)
+    if isinstance(layer, nf.EmergingConv):
+        return EmergingConv(layer.channels, layer.conv1.k)
+    if isinstance(layer, nf.BlockCoupling):
+        if layer.actnorm:
+            raise ValueError("the twin's coupling networks have no ActNorm (Flow never uses it)")
+        return Coupling(layer.net_names, layer.channels, layer.hidden)
+    if isinstance(layer, nf.Split):
+        return Split(layer.channels)
+    raise TypeError(f"no twin for the layer {type(layer).__name__}")
+
+
+def from_nfcore(flow, dtype=torch.float32):
+    """A TwinFlow with every parameter and fixed state (Conv1x1's perm and sign_s) of ``flow``."""
+    twin = TwinFlow([twin_layer(layer) for layer in flow.layers], flow.top_shape).to(dtype)
+    with torch.no_grad():
+        for index, (layer, twin_layer_) in enumerate(zip(flow.layers, twin.layers)):
+            params = dict(twin_layer_.named_parameters())
+            if set(params) != set(layer.params):
+                raise ValueError(f"layer {index} ({type(layer).__name__}): the twin has params "
+                                 f"{sorted(params)}, nfcore {sorted(layer.params)}")
+            for name, param in params.items():
+                value = to_numpy(layer.params[name])
+                if tuple(param.shape) != value.shape:
+                    raise ValueError(f"layer {index} {name}: twin shape {tuple(param.shape)}, "
+                                     f"nfcore {value.shape}")
+                param.copy_(torch.from_numpy(value))
+            if isinstance(layer, nf.Conv1x1):
+                twin_layer_.perm.copy_(torch.from_numpy(to_numpy(layer.perm)))
+                twin_layer_.sign_s.copy_(torch.from_numpy(to_numpy(layer.sign_s)))
+    return twin
+
+
+# ---- agreement -----------------------------------------------------------------------------------
+
+def synthetic_images(batch, image_shape, seed=0):
+    """(batch, C, H, W) float32: uniform-noise 8-bit images, dequantized as train.run does."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (batch,) + tuple(image_shape), dtype=np.uint8)
+    return preprocess(images, N_BITS, rng)
+
+
+def relative_error(actual, expected):
+    """max |actual − expected| / max |expected| (the absolute error where expected is all 0)."""
+    actual = actual.detach().numpy() if isinstance(actual, torch.Tensor) else actual
+    scale = float(np.abs(expected).max())
+    return float(np.abs(actual - expected).max()) / (scale if scale > 0 else 1.0)
+
+
+def agreement(invconv, coupling, dtype=np.float64, image_shape=(3, 8, 8), levels=2, steps=2,
+              hidden=8, batch=4, seed=0):
+    """Max relative errors of the twin against nfcore on one small model:
+    {"log p", "latents", "gradients", "decode"}, and the parameter with the worst gradient.
+
+    The model is initialized (ActNorm) on the batch, then every parameter gets N(0, 0.05²)
+    added, so that the zero-initialized convs do not make most gradients trivially zero.
+    """
+    dtype = np.dtype(dtype)
+    flow = Flow(image_shape, levels, steps, hidden, invconv, coupling, k=3, seed=seed, dtype=dtype)
+    x = synthetic_images(batch, image_shape, seed).astype(dtype)
+    flow.forward(x)
+    rng = np.random.default_rng(seed + 1)
+    for layer in flow.layers:
+        for param in layer.params.values():
+            param[...] += rng.standard_normal(param.shape) * 0.05
+    twin = from_nfcore(flow, TORCH_DTYPE[dtype])
+    x_torch = torch.from_numpy(x)
+
+    log_p, latents = flow.log_prob(x), flow.encode(x)
+    for layer in flow.layers:
+        layer.zero_grad()
+    flow.loss_and_backward(x, N_BITS)
+    decoded = flow.decode(latents)
+
+    twin.zero_grad()
+    twin.bits_per_dim(x_torch, N_BITS).mean().backward()
+    with torch.no_grad():
+        twin_log_p, twin_latents = twin.log_prob(x_torch), twin.encode(x_torch)
+        twin_decoded = twin.decode([torch.from_numpy(z) for z in latents])
+
+    gradient_errors = {f"{index}/{name}": relative_error(param.grad, to_numpy(layer.grads[name]))
+                       for index, (layer, twin_layer_) in enumerate(zip(flow.layers, twin.layers))
+                       for name, param in twin_layer_.named_parameters()}
+    worst = max(gradient_errors, key=gradient_errors.get)
+    errors = {"log p": relative_error(twin_log_p, log_p),
+              "latents": max(relative_error(a, b) for a, b in zip(twin_latents, latents)),
+              "gradients": gradient_errors[worst],
+              "decode": relative_error(twin_decoded, decoded)}
+    return errors, worst
+
+
+def check_agreement(cases, dtypes=(np.float64, np.float32)):
+    """Print the agreement of every (invconv, coupling) case in each dtype; True if all pass."""
+    print("Agreement of the twin with nfcore (small models): max |torch − nfcore| / max |nfcore|")
+    print(f"{'dtype':>8} {'invconv':>9} {'coupling':>8} {'log p':>9} {'latents':>9} "
+          f"{'gradients':>9} {'decode':>9}  result  (worst gradient)")
+    passed, worst_of = True, {}
+    for dtype in map(np.dtype, dtypes):
+        for invconv, coupling in cases:
+            errors, worst = agreement(invconv, coupling, dtype)
+            ok = max(errors.values()) <= TOLERANCE[dtype]
+            passed &= ok
+            worst_of[dtype] = max(worst_of.get(dtype, 0.0), *errors.values())
+            print(f"{dtype.name:>8} {invconv:>9} {coupling:>8} " +
+                  " ".join(f"{errors[key]:9.1e}" for key in ("log p", "latents", "gradients", "decode")) +
+                  f"  {'ok' if ok else 'FAIL':>6}  ({worst})", flush=True)
+    for dtype, error in worst_of.items():
+        print(f"{dtype.name}: worst {error:.1e}, tolerance {TOLERANCE[dtype]:.0e}")
+    return passed
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+
+def best_time(fn, repeats, warm_up=True):
+    """The best wall time of ``repeats`` calls of fn, after one warm-up call."""
+    if warm_up:
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@contextlib.contextmanager
+def threads(n, blas_threads):
+    """Numba and torch on n threads, NumPy's BLAS on ``blas_threads``, restored afterwards."""
+    numba_before, torch_before = numba.get_num_threads(), torch.get_num_threads()
+    numba.set_num_threads(n)
+    torch.set_num_threads(n)
+    try:
+        with threadpoolctl.threadpool_limits(blas_threads, user_api="blas"):
+            yield
+    finally:
+        numba.set_num_threads(numba_before)
+        torch.set_num_threads(torch_before)
+
+
+def time_train_steps(flow, twin, x, repeats, warm_up):
+    """(nfcore, torch) seconds of one training step: forward, backward, clipped Adam step."""
+    optimizer = Adam(flow.layers, lr=LR, max_grad_norm=MAX_GRAD_NORM)
+
+    def nfcore_step():
+        optimizer.zero_grad()
+        flow.loss_and_backward(x, N_BITS)
+        optimizer.step()
+
+    x_torch = torch.from_numpy(x)
+    torch_optimizer = torch.optim.Adam(twin.parameters(), lr=LR)
+
+    def torch_step():
+        torch_optimizer.zero_grad()
+        twin.bits_per_dim(x_torch, N_BITS).mean().backward()
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), MAX_GRAD_NORM)
+        torch_optimizer.step()
+
+    nfcore_s = best_time(nfcore_step, repeats, warm_up)
+    for layer in flow.layers:                      # free nfcore's activations before torch runs
+        layer.release()
+    return nfcore_s, best_time(torch_step, repeats, warm_up)
+
+
+def time_sampling(flow, twin, n, temperature, repeats, warm_up):
+    """(nfcore, torch) seconds to draw n images at ``temperature``."""
+    rng = np.random.default_rng(0)
+    nfcore_s = best_time(lambda: flow.sample(n, temperature, rng), repeats, warm_up)
+    with torch.no_grad():
+        torch_s = best_time(lambda: twin.sample(n, temperature), repeats, warm_up)
+    return nfcore_s, torch_s
+
+
+def benchmark(preset, invconv, coupling, n_threads, blas_threads, sample=True):
+    """One row of the table: images/s of a training step and seconds to sample 100, both sides."""
+    config = PRESETS[preset]
+    paper = preset == "paper"                      # minutes per step: one step, no warm-up
+    flow = Flow(IMAGE_SHAPE, config["levels"], config["steps"], config["hidden"], invconv,
+                coupling, k=3, seed=0, dtype=np.float32)
+    x = synthetic_images(config["batch"], IMAGE_SHAPE)
+    flow.forward(x)                                # ActNorm's data-dependent initialization
+    twin = from_nfcore(flow, torch.float32)
+    row = {"preset": preset, "invconv": invconv}
+    with threads(n_threads, blas_threads):
+        nfcore_s, torch_s = time_train_steps(flow, twin, x, 1 if paper else 5, not paper)
+    row["nfcore_img_s"], row["torch_img_s"] = config["batch"] / nfcore_s, config["batch"] / torch_s
+    if sample:
+        with threads(1, 1):
+            row["nfcore_sample_s"], row["torch_sample_s"] = time_sampling(
+                flow, twin, 100, 0.7, 1 if paper else 3, not paper)
+    return row
+
+
+def print_table(rows, n_threads, blas_threads):
+    print(f"\nTraining step (float32, {n_threads} threads, nfcore BLAS {blas_threads}): images/s; "
+          f"sampling 100 images at T=0.7 on one thread: s. Ratio: nfcore speed / torch speed.")
+    print(f"{'preset':>6} {'invconv':>9} {'nfcore img/s':>12} {'torch img/s':>11} {'ratio':>6} "
+          f"{'nfcore sample s':>15} {'torch sample s':>14} {'ratio':>6}")
+    for r in rows:
+        line = (f"{r['preset']:>6} {r['invconv']:>9} {r['nfcore_img_s']:12.1f} "
+                f"{r['torch_img_s']:11.1f} {r['nfcore_img_s'] / r['torch_img_s']:6.2f}")
+        if "nfcore_sample_s" in r:
+            line += (f" {r['nfcore_sample_s']:15.3f} {r['torch_sample_s']:14.3f} "
+                     f"{r['torch_sample_s'] / r['nfcore_sample_s']:6.2f}")
+        print(line)
+    by_kind = {r["invconv"]: r for r in rows if "nfcore_sample_s" in r}
+    if "finc" in by_kind and "glow1x1" in by_kind:
+        finc, glow = by_kind["finc"], by_kind["glow1x1"]
+        print(f"sampling time finc / glow1x1: nfcore {finc['nfcore_sample_s'] / glow['nfcore_sample_s']:.2f}, "
+              f"torch {finc['torch_sample_s'] / glow['torch_sample_s']:.2f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small", choices=PRESETS,
+                        help="small: L=3 K=4 width 64 B=64; wide: L=3 K=2 width 512 B=16; "
+                             "paper: L=3 K=32 width 512 B=64 (one step, one sampling run)")
+    parser.add_argument("--invconv", nargs="+", default=["finc", "emerging", "glow1x1"],
+                        choices=STEP_KINDS)
+    parser.add_argument("--coupling", default="affine", choices=COUPLINGS)
+    parser.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS,
+                        help="threads of both sides for the training step (default: all cores)")
+    parser.add_argument("--blas-threads", type=int, default=1,
+                        help="threads of NumPy's BLAS on nfcore's side (default 1, as train.run)")
+    parser.add_argument("--no-sample", action="store_true", help="skip the sampling times")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--check-only", action="store_true", help="the agreement check alone")
+    group.add_argument("--skip-check", action="store_true", help="time without the check")
+    args = parser.parse_args(argv)
+    if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
+        parser.error(f"--threads must lie in 1..{numba.config.NUMBA_NUM_THREADS}")
+
+    if not args.skip_check:
+        cases = [(invconv, coupling) for invconv in STEP_KINDS for coupling in COUPLINGS]
+        if not check_agreement(cases):
+            print("the twin and nfcore disagree: no timing", file=sys.stderr)
+            return 1
+        if args.check_only:
+            return 0
+    rows = []
+    for invconv in args.invconv:
+        rows.append(benchmark(args.preset, invconv, args.coupling, args.threads,
+                              args.blas_threads, sample=not args.no_sample))
+        print(f"  {args.preset} {invconv}: done", flush=True)
+    print_table(rows, args.threads, args.blas_threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""The PyTorch twin (bench/twin.py) computes what nfcore computes: log p per sample, every
+latent, every parameter gradient of the mean bits/dim and decode, to 1e-10 in float64, for every
+step kind with both couplings. Skipped without torch (pip install -e .[bench])."""
+import pytest
+
+pytest.importorskip("torch")
+
+from bench import twin  # noqa: E402  (after the skip: bench.twin imports torch)
+from nfcore.flow import COUPLINGS, STEP_KINDS  # noqa: E402
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+@pytest.mark.parametrize("invconv", STEP_KINDS)
+def test_twin_agrees_with_nfcore_in_float64(invconv, coupling):
+    errors, worst = twin.agreement(invconv, coupling, "float64")
+    tolerance = twin.TOLERANCE[twin.np.dtype("float64")]
+    assert max(errors.values()) <= tolerance, (errors, f"worst gradient: {worst}")
+
+
+def test_twin_refuses_an_uninitialized_flow():
+    flow = twin.Flow((3, 8, 8), levels=1, steps=1, hidden=4, invconv="glow1x1")
+    with pytest.raises(ValueError, match="not initialized"):
+        twin.from_nfcore(flow)
