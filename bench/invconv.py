@@ -62,7 +62,7 @@ def bench_size(B, C, H, k, xp, kernels, sync, numpy_loops, with_torch):
     layer = make_layer(C, k, xp, dtype)
     x = xp.asarray(np.random.default_rng(1).standard_normal((B, C, H, H)), dtype=dtype)
     y, _ = layer.forward(x)
-    yg, wk = layer._to_groups(y), layer._kernel_weight(dtype)
+    yg, wk = kernels.to_groups(y, layer._flips()), layer._kernel_weight(dtype)
     row = {"size": f"{H}x{H}"}
 
     t = best_time(lambda: layer.forward(x), 5, sync)
@@ -75,8 +75,9 @@ def bench_size(B, C, H, k, xp, kernels, sync, numpy_loops, with_torch):
     if torch_conv is not None:
         row["torch"] = best_time(torch_conv, repeats_for(row["forward"]))
     if numpy_loops:
-        row["np_wave"] = best_time(lambda: numpy_ref.wavefront_inverse(yg, wk), 2, sync)
-        row["np_raster"] = best_time(lambda: numpy_ref.raster_inverse(yg, wk), 1, sync)
+        y_canonical = numpy_ref.to_groups(y, layer._flips())
+        row["np_wave"] = best_time(lambda: numpy_ref.wavefront_inverse(y_canonical, wk), 2, sync)
+        row["np_raster"] = best_time(lambda: numpy_ref.raster_inverse(y_canonical, wk), 1, sync)
 
     x_back = layer.inverse(y)
     row["error"] = float(abs(x_back - x).max() / abs(x).max())

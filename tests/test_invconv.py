@@ -16,7 +16,7 @@ import pytest
 
 import nfcore
 from nfcore import reference
-from nfcore.kernels import cpu, numpy_ref
+from nfcore.kernels import CanonicalLayout, cpu as cpu_module, from_layout, numpy_ref, to_layout
 
 
 def random_params(layer, rng, scale=0.3):
@@ -209,9 +209,13 @@ def test_backward_accumulates():
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
-def test_cpu_kernels_match_numpy_references(dtype, tol, k):
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4, 3), (1, 37, 4, 5, 6)], ids=str)
+def test_cpu_kernels_match_numpy_references(dtype, tol, k, shape):
+    """Also C = 6 (one block of four output channels and two more) and B = 37 (three chunks of
+    images, the last one short)."""
+    cpu = CanonicalLayout(cpu_module)           # batch-last inside, compared in (G, B, H, W, C)
     rng = np.random.default_rng(9)
-    G, B, Hk, Wk, C = 2, 3, 5, 4, 3
+    G, B, Hk, Wk, C = shape
     x = rng.standard_normal((G, B, Hk, Wk, C)).astype(dtype)
     dy = rng.standard_normal((G, B, Hk, Wk, C)).astype(dtype)
     w = (rng.standard_normal((G, k, k, C, C)) * 0.2).astype(dtype)
@@ -228,6 +232,8 @@ def test_cpu_kernels_match_numpy_references(dtype, tol, k):
     for solve in (cpu.wavefront_inverse, cpu.raster_inverse,
                   numpy_ref.wavefront_inverse, numpy_ref.raster_inverse):
         close(solve(y, w), x)
+    for solve in (cpu_module.sweep_inverse, cpu_module.diagonal_inverse):   # both schedules
+        close(from_layout(solve(to_layout(y, cpu.module.AXES), w), cpu.module.AXES), x)
 
 
 # ---- construction, dtypes and bad input ---------------------------------------------------

@@ -1,150 +1,310 @@
 """Numba CPU kernels of the masked k×k convolution in its top-left form.
 
-Every array here is channel-last and grouped, so that one kernel serves InvConv (G = 1) and
+Every array here is grouped and **batch-last**, so that one kernel serves InvConv (G = 1) and
 the FInC unit (G = 4 quarters, each already flipped into the top-left form)::
 
-    x, y  : (G, B, H, W, C)     images, channel-last, C-contiguous
+    x, y  : (G, H, W, C, B)     images: for each pixel, a (C, B) block, the batch contiguous
     w     : (G, k, k, C, C)     w[g, a, b, ci, co], the effective (masked) weight
 
 The top-left convolution, zero padding on the top and the left::
 
-    y[g, n, i, j, co] = sum_{a, b, ci} w[g, a, b, ci, co] * x[g, n, i-(k-1)+a, j-(k-1)+b, ci]
+    y[g, i, j, co, n] = sum_{a, b, ci} w[g, a, b, ci, co] * x[g, i-(k-1)+a, j-(k-1)+b, ci, n]
 
 The tap a = b = k-1 couples a pixel to itself; its C×C block L[co, ci] = w[g, k-1, k-1, ci, co]
 is lower triangular (nonzero only for co >= ci) with a nonzero diagonal, so the whole Jacobian is
 triangular when pixels are ordered by i + j, and the inverse is solved one anti-diagonal at a
 time (pixels with equal i + j do not depend on each other).
 
-The inner loops run over the output channel ``co``, the contiguous axis of ``w`` and ``y``, so
-that LLVM vectorizes them. No temporaries are allocated inside the loops: forward accumulates
-straight into ``y``, the inverse straight into ``x``.
+**Why batch-last.** The innermost loop of every kernel runs over the batch: one weight times a
+row of B images, added into a row of B outputs. Every SIMD lane is useful whatever the channel
+count (the FInC unit's quarters have 3 channels at CIFAR's first level, where a loop over
+channels would fill 3 of 8 lanes) and whatever the image size (4×4 at the last level). The
+images of a batch are independent in the inverse too, so the triangular solve runs on whole
+rows of B as well. ``_add_taps`` feeds four output channels from each row of x it loads (one
+load, four fused multiply-adds), which keeps the loop near the machine's store throughput.
+
+The plain NumPy versions of all of these, in the (G, B, H, W, C) layout of the CUDA kernels,
+are in ``numpy_ref.py``; the tests hold each kernel here to its reference there.
+
+Threads. ``conv_forward`` runs rows in parallel. The inverse (``wavefront_inverse``) has two
+schedules: when the (group, batch chunk) pairs fill the threads, each thread solves its own
+chunk of images pixel after pixel with no synchronization at all (``sweep_inverse``: a thread
+gains nothing from the anti-diagonal order, and a thread that the OS deschedules delays only
+itself); for a batch too small for that, the anti-diagonal sweep (``diagonal_inverse``)
+spreads every diagonal's pixels over the threads, with a barrier per diagonal: H+W-1 parallel
+steps. The weight gradient sums fixed chunks of the batch in a fixed order, so its rounding
+does not depend on the number of threads.
 """
+import numba
 import numpy as np
 from numba import njit, prange
 
 from . import input_grad_by_flips
 
+# The kernels' axis order as a transpose of the canonical (G, B, H, W, C): (G, H, W, C, B).
+AXES = (0, 2, 3, 4, 1)
+MIN_SWEEP_LANES = 16  # fewest images per thread in the per-thread inverse
+LANE_CHUNK = 32      # images per chunk of the weight gradient (fixed: rounding independent of threads)
+
+
+# ---- layout: (B, C, H, W) <-> (G, H, W, Cg, B) ------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def to_groups(x, flips):
+    """(B, C, H, W) -> (G, H, W, Cg, B), G = len(flips) groups of Cg = C / G channels; group g's
+    rows are reversed when flips[g, 0] and its columns when flips[g, 1] (its top-left form).
+    Parallel over (channel, row); each task reads whole rows of x."""
+    B, C, H, W = x.shape
+    G = flips.shape[0]
+    Cg = C // G
+    out = np.empty((G, H, W, Cg, B), dtype=x.dtype)
+    for t in prange(C * H):
+        g = t // (Cg * H)
+        c = (t // H) % Cg
+        i = t % H
+        i_source = H - 1 - i if flips[g, 0] else i
+        for n in range(B):
+            row = x[n, g * Cg + c, i_source]
+            for j in range(W):
+                j_source = W - 1 - j if flips[g, 1] else j
+                out[g, i, j, c, n] = row[j_source]
+    return out
+
+
+@njit(parallel=True, cache=True)
+def from_groups(xg, flips):
+    """The inverse of ``to_groups``: (G, H, W, Cg, B) -> (B, G·Cg, H, W)."""
+    G, H, W, Cg, B = xg.shape
+    out = np.empty((B, G * Cg, H, W), dtype=xg.dtype)
+    for t in prange(G * Cg * H):
+        g = t // (Cg * H)
+        c = (t // H) % Cg
+        i = t % H
+        i_source = H - 1 - i if flips[g, 0] else i
+        for n in range(B):
+            row = out[n, g * Cg + c, i]
+            for j in range(W):
+                j_source = W - 1 - j if flips[g, 1] else j
+                row[j] = xg[g, i_source, j_source, c, n]
+    return out
+
+
+# ---- the masked convolution ----------------------------------------------------------------
 
 @njit(inline="always")
-def _add_taps(out, x, w, g, n, i, j, include_self):
-    """out[co] += sum over taps of w[g, a, b, ci, co] * x[g, n, i-(k-1)+a, j-(k-1)+b, ci].
+def _add_taps(out, x, w, g, i, j, n0, n1, include_self):
+    """out[co, n] += sum over taps of w[g, a, b, ci, co] * x[g, i-(k-1)+a, j-(k-1)+b, ci, n],
+    for the images n0 <= n < n1. ``out`` is one pixel's (C_out, B) block.
 
     With ``include_self`` False the self-tap (k-1, k-1) is left out (the inverse's right side).
+    Output channels go four at a time (``_add_taps_four``), the last C_out % 4 one at a time.
     """
-    k = w.shape[1]
-    C_in = w.shape[3]
     C_out = w.shape[4]
-    for a in range(k):
-        ii = i - (k - 1) + a
-        if ii < 0:
-            continue
-        for b in range(k):
-            jj = j - (k - 1) + b
-            if jj < 0:
-                continue
-            if not include_self and a == k - 1 and b == k - 1:
-                continue
-            for ci in range(C_in):
-                xv = x[g, n, ii, jj, ci]
-                for co in range(C_out):
-                    out[co] += w[g, a, b, ci, co] * xv
+    for co in range(0, C_out - 3, 4):
+        _add_taps_four(out, x, w, g, i, j, n0, n1, include_self, co)
+    for co in range(C_out - C_out % 4, C_out):
+        _add_taps_one(out, x, w, g, i, j, n0, n1, include_self, co)
 
 
 @njit(inline="always")
-def _solve_pixel(x, y, w, g, n, i, j):
-    """Solve pixel (i, j) of x, all pixels it depends on being solved already.
+def _add_taps_four(out, x, w, g, i, j, n0, n1, include_self, co):
+    """``_add_taps`` for the output channels co .. co+3: each row x[.., ci, n0:n1] loaded
+    feeds four fused multiply-adds. Every inner loop runs over rows sliced to n0:n1 from
+    index 0: with a loop starting at a run-time n0, Numba cannot tell the index is never
+    negative, and LLVM does not vectorize it."""
+    k = w.shape[1]
+    lanes = n1 - n0
+    out0, out1 = out[co, n0:n1], out[co + 1, n0:n1]
+    out2, out3 = out[co + 2, n0:n1], out[co + 3, n0:n1]
+    for a in range(max(0, k - 1 - i), k):
+        ii = i - (k - 1) + a
+        for b in range(max(0, k - 1 - j), k):
+            if not include_self and a == k - 1 and b == k - 1:
+                continue
+            jj = j - (k - 1) + b
+            for ci in range(w.shape[3]):
+                x_row = x[g, ii, jj, ci, n0:n1]
+                w0, w1 = w[g, a, b, ci, co], w[g, a, b, ci, co + 1]
+                w2, w3 = w[g, a, b, ci, co + 2], w[g, a, b, ci, co + 3]
+                for n in range(lanes):
+                    xv = x_row[n]
+                    out0[n] += w0 * xv
+                    out1[n] += w1 * xv
+                    out2[n] += w2 * xv
+                    out3[n] += w3 * xv
+
+
+@njit(inline="always")
+def _add_taps_one(out, x, w, g, i, j, n0, n1, include_self, co):
+    """``_add_taps`` for the one output channel co."""
+    k = w.shape[1]
+    lanes = n1 - n0
+    out_row = out[co, n0:n1]
+    for a in range(max(0, k - 1 - i), k):
+        ii = i - (k - 1) + a
+        for b in range(max(0, k - 1 - j), k):
+            if not include_self and a == k - 1 and b == k - 1:
+                continue
+            jj = j - (k - 1) + b
+            for ci in range(w.shape[3]):
+                x_row = x[g, ii, jj, ci, n0:n1]
+                wv = w[g, a, b, ci, co]
+                for n in range(lanes):
+                    out_row[n] += wv * x_row[n]
+
+
+@njit(inline="always")
+def _solve_pixel(x, y, w, g, i, j, n0, n1):
+    """Solve pixel (i, j) of x for the images n0 <= n < n1, all pixels it depends on being
+    solved already and x[g, i, j] still zero.
 
     r = y[i, j] - (all taps but the self-tap applied to x), then forward substitution through
     the lower-triangular self-tap L[co, ci] = w[g, k-1, k-1, ci, co]:
-    x[c] = (r[c] - sum_{c' < c} L[c, c'] x[c']) / L[c, c], column by column, in place in x.
+    x[c] = (r[c] - sum_{c' < c} L[c, c'] x[c']) / L[c, c], in place in x, a row of images at a time.
     """
     k = w.shape[1]
-    C = x.shape[4]
-    r = x[g, n, i, j]                      # a view: the pixel being solved, written in place
-    _add_taps(r, x, w, g, n, i, j, False)
+    C = x.shape[3]
+    lanes = n1 - n0
+    r = x[g, i, j]                      # (C, B), a view: the pixel being solved, in place
+    _add_taps(r, x, w, g, i, j, n0, n1, False)
     for c in range(C):
-        r[c] = y[g, n, i, j, c] - r[c]
+        y_row, r_row = y[g, i, j, c, n0:n1], r[c, n0:n1]
+        for n in range(lanes):
+            r_row[n] = y_row[n] - r_row[n]
     for ci in range(C):
-        r[ci] = r[ci] / w[g, k - 1, k - 1, ci, ci]
+        diagonal = w[g, k - 1, k - 1, ci, ci]
+        solved = r[ci, n0:n1]
+        for n in range(lanes):
+            solved[n] = solved[n] / diagonal
         for co in range(ci + 1, C):
-            r[co] -= w[g, k - 1, k - 1, ci, co] * r[ci]
+            lower = w[g, k - 1, k - 1, ci, co]
+            r_row = r[co, n0:n1]
+            for n in range(lanes):
+                r_row[n] -= lower * solved[n]
 
 
 @njit(parallel=True, cache=True)
 def conv_forward(x, w):
-    """y = the top-left masked convolution of x with w. Parallel over (group, batch, row)."""
-    G, B, H, W, _ = x.shape
-    y = np.zeros((G, B, H, W, w.shape[4]), dtype=x.dtype)
-    for t in prange(G * B * H):
-        g = t // (B * H)
-        n = (t // H) % B
+    """y = the top-left masked convolution of x with w. Parallel over (group, row)."""
+    G, H, W, _, B = x.shape
+    y = np.zeros((G, H, W, w.shape[4], B), dtype=x.dtype)
+    for t in prange(G * H):
+        g = t // H
         i = t % H
         for j in range(W):
-            _add_taps(y[g, n, i, j], x, w, g, n, i, j, True)
+            _add_taps(y[g, i, j], x, w, g, i, j, 0, B, True)
     return y
 
 
+def _n_chunks(B):
+    return -(-B // LANE_CHUNK)
+
+
 @njit(parallel=True, cache=True)
-def wavefront_inverse(y, w):
+def _sweep(y, w, n_chunks):
+    G, H, W, _, B = y.shape
+    x = np.zeros_like(y)
+    chunk = -(-B // n_chunks)
+    for t in prange(G * n_chunks):
+        g = t // n_chunks
+        n0 = (t % n_chunks) * chunk
+        n1 = min(B, n0 + chunk)
+        for i in range(H):
+            for j in range(W):
+                _solve_pixel(x, y, w, g, i, j, n0, n1)
+    return x
+
+
+def _sweep_chunks(G, B):
+    """Image chunks per group for the per-thread sweep: enough for every thread to have a
+    (group, chunk) piece, none under MIN_SWEEP_LANES images (short rows vectorize poorly)."""
+    wanted = -(-numba.get_num_threads() // G)
+    return max(1, min(wanted, B // MIN_SWEEP_LANES))
+
+
+def sweep_inverse(y, w):
+    """x such that conv_forward(x, w) == y: each thread solves its own (group, chunk of
+    images) pixel after pixel in raster order, with no synchronization: H·W steps per thread."""
+    return _sweep(y, w, _sweep_chunks(y.shape[0], y.shape[4]))
+
+
+def raster_inverse(y, w):
+    """The raster-scan solve, pixel after pixel (Emerging's published way: H·W sequential
+    steps, parallel only over groups and images). On the CPU this is the same schedule as
+    ``sweep_inverse``: one thread gains nothing from another order of the same pixels."""
+    return _sweep(y, w, _sweep_chunks(y.shape[0], y.shape[4]))
+
+
+@njit(parallel=True, cache=True)
+def diagonal_inverse(y, w):
     """x such that conv_forward(x, w) == y, solved anti-diagonal by anti-diagonal.
 
-    For d = 0 .. H+W-2 (sequential), every pixel with i + j = d in every group and batch element
-    is solved in parallel by ``_solve_pixel``.
+    For d = 0 .. H+W-2 (sequential), every pixel with i + j = d in every group is solved in
+    parallel (all images at once): H+W-1 parallel steps, each ending at a barrier.
     """
-    G, B, H, W, _ = y.shape
+    G, H, W, _, B = y.shape
     x = np.zeros_like(y)
     for d in range(H + W - 1):
         i_first = max(0, d - (W - 1))
         n_pixels = min(H - 1, d) - i_first + 1
-        for t in prange(G * B * n_pixels):
-            g = t // (B * n_pixels)
-            n = (t // n_pixels) % B
+        for t in prange(G * n_pixels):
+            g = t // n_pixels
             i = i_first + t % n_pixels
-            _solve_pixel(x, y, w, g, n, i, d - i)
+            _solve_pixel(x, y, w, g, i, d - i, 0, B)
     return x
 
 
-@njit(parallel=True, cache=True)
-def raster_inverse(y, w):
-    """The same solve, pixel after pixel in raster order (Emerging's way: H·W sequential steps,
-    parallel only over group and batch). The baseline the wavefront is measured against."""
-    G, B, H, W, _ = y.shape
-    x = np.zeros_like(y)
-    for t in prange(G * B):
-        g = t // B
-        n = t % B
-        for i in range(H):
-            for j in range(W):
-                _solve_pixel(x, y, w, g, n, i, j)
-    return x
+def wavefront_inverse(y, w):
+    """x such that conv_forward(x, w) == y, with the schedule that suits the batch: the
+    per-thread sweep when the (group, image chunk) pieces fill the threads, else the
+    anti-diagonal sweep (see the module docstring)."""
+    G, B = y.shape[0], y.shape[4]
+    if G * _sweep_chunks(G, B) >= numba.get_num_threads():
+        return sweep_inverse(y, w)
+    return diagonal_inverse(y, w)
 
 
 @njit(parallel=True, cache=True)
+def _weight_grad_partials(x, dy, k, n_chunks):
+    """partial[g, a, b, chunk, ci, co, n] = sum_{i, j} x[g, i', j', ci, n] * dy[g, i, j, co, n]
+    for the images n of one chunk; parallel over (group, tap, chunk)."""
+    G, H, W, C_in, B = x.shape
+    C_out = dy.shape[3]
+    chunk = -(-B // n_chunks)
+    partial = np.zeros((G, k, k, n_chunks, C_in, C_out, chunk), dtype=x.dtype)
+    for t in prange(G * k * k * n_chunks):
+        g = t // (k * k * n_chunks)
+        a = (t // (k * n_chunks)) % k
+        b = (t // n_chunks) % k
+        c = t % n_chunks
+        n0 = c * chunk
+        n1 = min(B, n0 + chunk)
+        acc = partial[g, a, b, c]
+        for i in range(k - 1 - a, H):
+            ii = i - (k - 1) + a
+            for j in range(k - 1 - b, W):
+                jj = j - (k - 1) + b
+                for ci in range(C_in):
+                    x_row = x[g, ii, jj, ci, n0:n1]
+                    for co in range(C_out):
+                        dy_row = dy[g, i, j, co, n0:n1]
+                        acc_row = acc[ci, co]
+                        for n in range(n1 - n0):
+                            acc_row[n] += x_row[n] * dy_row[n]
+    return partial
+
+
 def conv_weight_grad(x, dy, k):
-    """dw[g, a, b, ci, co] = sum_{n, i, j} x[g, n, i-(k-1)+a, j-(k-1)+b, ci] * dy[g, n, i, j, co].
+    """dw[g, a, b, ci, co] = sum_{n, i, j} x[g, i-(k-1)+a, j-(k-1)+b, ci, n] * dy[g, i, j, co, n].
 
-    Parallel over (group, tap); each tap is a sum over the batch and the pixels it reaches.
+    Sums over pixels for each image lane and chunk of about LANE_CHUNK images (vectorized over
+    the images), then over the lanes and chunks in a fixed order: deterministic, whatever the
+    number of threads. Returns (G, k, k, C_in, C_out).
     """
-    G, B, H, W, C_in = x.shape
-    C_out = dy.shape[4]
-    dw = np.zeros((G, k, k, C_in, C_out), dtype=x.dtype)
-    for t in prange(G * k * k):
-        g = t // (k * k)
-        a = (t // k) % k
-        b = t % k
-        acc = dw[g, a, b]
-        for n in range(B):
-            for i in range(k - 1 - a, H):
-                ii = i - (k - 1) + a
-                for j in range(k - 1 - b, W):
-                    jj = j - (k - 1) + b
-                    for ci in range(C_in):
-                        xv = x[g, n, ii, jj, ci]
-                        for co in range(C_out):
-                            acc[ci, co] += xv * dy[g, n, i, j, co]
-    return dw
+    partial = _weight_grad_partials(x, dy, int(k), _n_chunks(x.shape[4]))
+    return partial.sum(axis=(3, 6))
 
 
 def conv_input_grad(dy, w):
     """dx = the gradient of conv_forward with respect to x: see ``input_grad_by_flips``."""
-    return input_grad_by_flips(conv_forward, dy, w)
+    return input_grad_by_flips(conv_forward, dy, w, AXES)

@@ -63,7 +63,19 @@ import numpy as np
 from numba import cuda
 
 from ..backend import is_cupy_array
-from . import input_grad_by_flips
+from . import CANONICAL_AXES, from_groups_by_transpose, input_grad_by_flips, to_groups_by_transpose
+
+AXES = CANONICAL_AXES      # the kernels' arrays are (G, B, H, W, C), channel-last
+
+
+def to_groups(x, flips):
+    """(B, C, H, W) -> (G, B, H, W, Cg), each group in its top-left form (see kernels/__init__)."""
+    return to_groups_by_transpose(x, flips, AXES)
+
+
+def from_groups(xg, flips):
+    """The inverse of ``to_groups``: (G, B, H, W, Cg) -> (B, G·Cg, H, W)."""
+    return from_groups_by_transpose(xg, flips, AXES)
 
 THREADS_PER_BLOCK = 128   # the flat kernels (one thread per output element)
 # Threads per block of the solve kernels, at most: ptxas (CUDA 12.9, sm_90) gives them about 64

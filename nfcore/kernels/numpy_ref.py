@@ -1,11 +1,25 @@
-"""Plain NumPy versions of the CPU kernels: short, readable, and used by the tests to check
-the Numba kernels. Same grouped channel-last layout as ``cpu.py``::
+"""Plain NumPy versions of the kernels: short, readable, and the references the tests hold
+the Numba CPU and CUDA kernels to. In the canonical grouped channel-last layout (that of
+``cuda.py``; ``cpu.py`` is batch-last and the tests transpose for it)::
 
     x, y : (G, B, H, W, C)        w : (G, k, k, C_in, C_out)
 
 They work on CuPy arrays too (everything goes through ``xp``).
 """
 from ..backend import get_array_module
+from . import CANONICAL_AXES, from_groups_by_transpose, to_groups_by_transpose
+
+AXES = CANONICAL_AXES
+
+
+def to_groups(x, flips):
+    """(B, C, H, W) -> (G, B, H, W, Cg), each group in its top-left form (see kernels/__init__)."""
+    return to_groups_by_transpose(x, flips, AXES)
+
+
+def from_groups(xg, flips):
+    """The inverse of ``to_groups``: (G, B, H, W, Cg) -> (B, G·Cg, H, W)."""
+    return from_groups_by_transpose(xg, flips, AXES)
 
 
 def _pad_top_left(x, k):

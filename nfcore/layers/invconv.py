@@ -101,26 +101,10 @@ class GroupedMaskedConv(Layer):
         w = self.effective_weight(dtype)
         return get_array_module(w).ascontiguousarray(w.transpose(0, 3, 4, 2, 1))
 
-    # ---- layout: (B, C, H, W) <-> (G, B, H, W, Cg) in top-left form ---------------------
-    def _to_groups(self, x):
-        xp = get_array_module(x)
-        B, C, H, W = x.shape
-        G = len(self.corners)
-        x = x.reshape(B, G, C // G, H, W).transpose(1, 0, 3, 4, 2)
-        out = xp.empty(x.shape, dtype=x.dtype)
-        for g, corner in enumerate(self.corners):
-            flip_rows, flip_cols = _FLIPS[corner]
-            out[g] = x[g, :, ::-1 if flip_rows else 1, ::-1 if flip_cols else 1]
-        return out
-
-    def _from_groups(self, xg):
-        xp = get_array_module(xg)
-        G, B, H, W, Cg = xg.shape
-        out = xp.empty((B, G, Cg, H, W), dtype=xg.dtype)
-        for g, corner in enumerate(self.corners):
-            flip_rows, flip_cols = _FLIPS[corner]
-            out[:, g] = xg[g, :, ::-1 if flip_rows else 1, ::-1 if flip_cols else 1].transpose(0, 3, 1, 2)
-        return out.reshape(B, G * Cg, H, W)
+    # ---- layout: (B, C, H, W) <-> the kernels' grouped layout, in top-left form ---------
+    def _flips(self):
+        """(G, 2) int8: does group g flip its rows, its columns, into the top-left form."""
+        return np.array([_FLIPS[corner] for corner in self.corners], dtype=np.int8)
 
     # ---- the layer contract -------------------------------------------------------------
     def logdet(self, B, H, W, xp, dtype):
@@ -134,11 +118,12 @@ class GroupedMaskedConv(Layer):
         """y, logdet = the masked convolution of x (B, C, H, W); logdet (B,)."""
         self._prepare(x, "x")
         xp = get_array_module(x)
-        xg = self._to_groups(x)
-        yg = kernels.for_array(x).conv_forward(xg, self._kernel_weight(x.dtype))
+        kernel = kernels.for_array(x)
+        xg = kernel.to_groups(x, self._flips())
+        yg = kernel.conv_forward(xg, self._kernel_weight(x.dtype))
         self._cache = (xg, x.shape)
         B, _, H, W = x.shape
-        return self._from_groups(yg), self.logdet(B, H, W, xp, x.dtype)
+        return kernel.from_groups(yg, self._flips()), self.logdet(B, H, W, xp, x.dtype)
 
     def inverse(self, y, method="wavefront"):
         """x with forward(x)[0] == y. ``method``: "wavefront", anti-diagonal after anti-diagonal
@@ -149,8 +134,8 @@ class GroupedMaskedConv(Layer):
         self._prepare(y, "y")
         kernel = kernels.for_array(y)
         solve = kernel.wavefront_inverse if method == "wavefront" else kernel.raster_inverse
-        xg = solve(self._to_groups(y), self._kernel_weight(y.dtype))
-        return self._from_groups(xg)
+        xg = solve(kernel.to_groups(y, self._flips()), self._kernel_weight(y.dtype))
+        return kernel.from_groups(xg, self._flips())
 
     def backward(self, dy, dlogdet):
         """dx from dy (B, C, H, W) and dlogdet (B,); adds dL/dweight (and dL/dlog_diag).
@@ -165,7 +150,7 @@ class GroupedMaskedConv(Layer):
         check_images(dy, "dy", self.channels, finite=False)
         xg, shape = cache
         kernel = kernels.for_array(dy)
-        dyg = self._to_groups(dy.astype(xg.dtype, copy=False))
+        dyg = kernel.to_groups(dy.astype(xg.dtype, copy=False), self._flips())
         dxg = kernel.conv_input_grad(dyg, self._kernel_weight(xg.dtype))
         dw_kernel = kernel.conv_weight_grad(xg, dyg, self.k)    # (G, k, k, C_in, C_out)
         dw_eff = dw_kernel.transpose(0, 4, 3, 1, 2)             # (G, C_out, C_in, k, k)
@@ -180,7 +165,7 @@ class GroupedMaskedConv(Layer):
             d_diag = dw_eff[:, idx, idx, self.k - 1, self.k - 1]
             dlog_diag += (d_diag * get_array_module(dy).exp(log_diag)
                           + H * W * dlogdet.sum()).astype(dlog_diag.dtype)
-        return self._from_groups(dxg)
+        return kernel.from_groups(dxg, self._flips())
 
 
 class InvConv(GroupedMaskedConv):

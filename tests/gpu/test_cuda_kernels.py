@@ -1,6 +1,7 @@
 """The CUDA kernels against the Numba CPU kernels, on tiny shapes (see conftest.py for the modes).
 
-Layout (both modules): x, y (G, B, H, W, C) channel-last; w (G, k, k, C_in, C_out) whose self-tap
+Layout: x, y (G, B, H, W, C) channel-last (the CUDA kernels' own; the batch-last CPU kernels
+are seen through ``CanonicalLayout``); w (G, k, k, C_in, C_out) whose self-tap
 w[g, k-1, k-1] is upper triangular in (ci, co), i.e. L[co, ci] = w[g, k-1, k-1, ci, co] is lower
 triangular, with a nonzero diagonal.
 """
@@ -14,9 +15,11 @@ import pytest
 
 import nfcore
 from nfcore import kernels
-from nfcore.kernels import cpu
+from nfcore.kernels import CanonicalLayout, cpu as cpu_module
 
 from .conftest import to_host
+
+cpu = CanonicalLayout(cpu_module)   # the CPU kernels in the CUDA kernels' (G, B, H, W, C) layout
 
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = (np.float32, np.float64)

@@ -83,7 +83,8 @@ def test_kernels_run_on_cupys_current_stream():
     (no explicit synchronization between them)."""
     import cupy
 
-    from nfcore.kernels import cpu, cuda as gpu
+    from nfcore.kernels import CanonicalLayout, cpu as cpu_module, cuda as gpu
+    cpu = CanonicalLayout(cpu_module)
     rng = np.random.default_rng(4)
     x = rng.standard_normal((4, 8, 16, 16, 6)).astype(np.float32)
     w = rng.standard_normal((4, 3, 3, 6, 6)).astype(np.float32) * 0.1
