@@ -1,26 +1,37 @@
 """Benchmark of InvConv: forward, the wavefront inverse, and the baselines, side by side.
 
-    python bench/invconv.py                 # CPU (Numba), B=64, C=12, k=3, float32
-    python bench/invconv.py --sizes 16 32   # only some image sizes
-    python bench/invconv.py --gpu           # the CUDA kernels on CuPy arrays
+    python bench/invconv.py                  # CPU (Numba), float32, the default shapes
+    python bench/invconv.py --torch          # with PyTorch's conv2d beside it (the README table)
+    python bench/invconv.py --shapes 64x12x16 --contention    # with one competing busy process
+    python bench/invconv.py --gpu            # the CUDA kernels on CuPy arrays
 
-Every figure is the best of several runs, measured in this one process, so ratios compare like
-with like. Columns:
+Shapes are BxCxH (batch, channels, image size H = W), k = 3 unless --k. Every figure is the best
+of several runs, measured in this one process, so ratios compare like with like. Columns (ms):
 
-    forward      the masked conv (InvConv.forward), and its rate in GFLOP/s (2·B·H·W·C²·k² flops)
-    inverse      the wavefront solve (InvConv.inverse): H+W-1 sequential steps
-    raster       the raster-scan solve (Emerging's way), same compiled kernel code: H·W steps,
-                 parallel only over the batch
-    np-wave / np-raster   the same two solves as NumPy loops, one vectorized step per
-                 anti-diagonal / per pixel: the step-count ratio without compiled code
+    forward      InvConv.forward (layout conversion included), and its rate in GFLOP/s
+                 (2·B·H·W·C²·k² flops: the masked entries counted as if they were computed)
+    inverse      InvConv.inverse, the schedule the kernels pick for the batch
+    inv/fwd      inverse / forward
+    diagonal     the kernel's anti-diagonal schedule (one barrier per anti-diagonal, H+W-1
+                 parallel steps; what the inverse uses for small batches, and the GPU's way)
+    raster       the raster-scan solve (Emerging's way, H·W steps per image; on the CPU the
+                 same schedule as the per-thread sweep)
     backward     InvConv.backward (input and weight gradients)
-    torch        with --torch: PyTorch's conv2d (oneDNN) on the same shape, a reference for the
-                 forward's speed (torch is never a dependency of nfcore)
+    finc         FInCUnit.forward at the same shape: four C/4 quarters, so a quarter of the
+                 flops; finc GF/s is its rate, to compare with forward's
+    torch        with --torch: PyTorch's conv2d (oneDNN) on the same padded shape, same threads,
+                 and fwd/torch = torch time / forward time (> 1: nfcore faster)
+    np-wave / np-raster   with --numpy-loops: the NumPy reference solves (one vectorized step per
+                 anti-diagonal / per pixel), the step-count ratio without compiled code
 
-and, on a small case, the dense SciPy LU solve of the same system (one sample).
+--contention times the inverse (and PyTorch's conv with --torch) again while one other
+process spins on a core: the slowdown it causes. A dense SciPy LU solve of one sample closes
+the run (the system the wavefront solves).
 """
 import argparse
 import importlib.util
+import subprocess
+import sys
 import time
 
 import numba
@@ -57,23 +68,31 @@ def make_layer(C, k, xp, dtype):
     return layer
 
 
-def bench_size(B, C, H, k, xp, kernels, sync, numpy_loops, with_torch):
+def bench_shape(B, C, H, k, xp, kernels, sync, numpy_loops, with_torch):
     dtype = np.float32
     layer = make_layer(C, k, xp, dtype)
     x = xp.asarray(np.random.default_rng(1).standard_normal((B, C, H, H)), dtype=dtype)
     y, _ = layer.forward(x)
     yg, wk = kernels.to_groups(y, layer._flips()), layer._kernel_weight(dtype)
-    row = {"size": f"{H}x{H}"}
+    diagonal = kernels.diagonal_inverse if hasattr(kernels, "diagonal_inverse") \
+        else kernels.wavefront_inverse_per_diagonal
+    row = {"shape": f"{B}x{C}x{H}"}
 
     t = best_time(lambda: layer.forward(x), 5, sync)
     row["forward"] = best_time(lambda: layer.forward(x), repeats_for(t), sync)
-    row["gflops"] = 2 * B * H * H * C * C * k * k / row["forward"] / 1e9
+    flops = 2 * B * H * H * C * C * k * k
+    row["gflops"] = flops / row["forward"] / 1e9
     row["inverse"] = best_time(lambda: layer.inverse(y), repeats_for(row["forward"]), sync)
+    row["diagonal"] = best_time(lambda: diagonal(yg, wk), repeats_for(row["inverse"]), sync)
     row["raster"] = best_time(lambda: kernels.raster_inverse(yg, wk), repeats_for(row["inverse"], most=5), sync)
     row["backward"] = best_time(lambda: layer.backward(y, xp.ones(B, dtype)), repeats_for(row["forward"]), sync)
-    torch_conv = torch_conv2d(B, C, H, k) if with_torch else None
-    if torch_conv is not None:
-        row["torch"] = best_time(torch_conv, repeats_for(row["forward"]))
+    if C % 4 == 0:
+        finc = nfcore.FInCUnit(k=k, channels=C, dtype=dtype, seed=0)
+        finc.forward(x)
+        row["finc"] = best_time(lambda: finc.forward(x), repeats_for(row["forward"]), sync)
+        row["finc_gflops"] = flops / 4 / row["finc"] / 1e9
+    if with_torch:
+        row["torch"] = best_time(torch_conv2d(B, C, H, k), repeats_for(row["forward"]))
     if numpy_loops:
         y_canonical = numpy_ref.to_groups(y, layer._flips())
         row["np_wave"] = best_time(lambda: numpy_ref.wavefront_inverse(y_canonical, wk), 2, sync)
@@ -82,6 +101,25 @@ def bench_size(B, C, H, k, xp, kernels, sync, numpy_loops, with_torch):
     x_back = layer.inverse(y)
     row["error"] = float(abs(x_back - x).max() / abs(x).max())
     return row
+
+
+def contention(B, C, H, k, with_torch):
+    """(quiet, busy) best times of InvConv.inverse (and PyTorch's conv2d), without and with
+    one other process spinning on a core."""
+    layer = make_layer(C, k, np, np.float32)
+    y = np.random.default_rng(1).standard_normal((B, C, H, H)).astype(np.float32)
+    calls = {"inverse": lambda: layer.inverse(y)}
+    if with_torch:
+        calls["torch conv2d"] = torch_conv2d(B, C, H, k)
+    quiet = {name: best_time(call, 20) for name, call in calls.items()}
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        busy = {name: best_time(call, 20) for name, call in calls.items()}
+    finally:
+        spinner.kill()
+        spinner.wait()
+    return quiet, busy
 
 
 def torch_conv2d(B, C, H, k):
@@ -115,16 +153,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 2)[2])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--channels", type=int, default=12)
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="BxCxH",
+                        help="batch x channels x image size (default 64x12x16 64x12x32 16x48x16 "
+                             "64x12x64 on the CPU, 64x12x32 64x12x64 64x12x128 on the GPU)")
     parser.add_argument("--k", type=int, default=3)
-    parser.add_argument("--sizes", type=int, nargs="+", default=None,
-                        help="image sizes (default 16 32 64 on the CPU, 32 64 on the GPU)")
-    parser.add_argument("--no-numpy-loops", action="store_true",
-                        help="skip the slow NumPy step loops (np-wave, np-raster)")
+    parser.add_argument("--numpy-loops", action="store_true",
+                        help="add the slow NumPy step loops (np-wave, np-raster)")
     parser.add_argument("--gpu", action="store_true", help="run the CUDA kernels on CuPy arrays")
     parser.add_argument("--torch", action="store_true",
                         help="add PyTorch's conv2d on the same shape (needs torch installed)")
+    parser.add_argument("--contention", action="store_true",
+                        help="time the inverse again beside one busy process (first shape)")
     args = parser.parse_args(argv)
 
     if args.gpu:
@@ -132,38 +171,55 @@ def main(argv=None):
         from nfcore.kernels import cuda as kernels
         xp, sync = cupy, cupy.cuda.get_current_stream().synchronize
         device = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
-        sizes = args.sizes or [32, 64]
+        shapes = args.shapes or ["64x12x32", "64x12x64", "64x12x128"]
     else:
         from nfcore.kernels import cpu as kernels
         xp, sync = np, (lambda: None)
         device = f"CPU, {numba.get_num_threads()} Numba threads"
-        sizes = args.sizes or [16, 32, 64]
+        shapes = args.shapes or ["64x12x16", "64x12x32", "16x48x16", "64x12x64"]
+    try:
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in shapes]
+        assert all(len(shape) == 3 and min(shape) > 0 for shape in shapes)
+    except (ValueError, AssertionError):
+        parser.error(f"--shapes takes BxCxH triples of positive integers, got {args.shapes}")
 
-    B, C, k = args.batch, args.channels, args.k
-    numpy_loops = not args.no_numpy_loops and not args.gpu
-    print(f"InvConv benchmark: B={B}, C={C}, k={k}, float32, {device}; best of several runs, ms")
-    header = (f"{'size':>7} {'forward':>9} {'GF/s':>6} {'inverse':>9} {'inv/fwd':>8} "
-              f"{'raster':>9} {'raster/inv':>10} {'backward':>9}")
+    k = args.k
+    numpy_loops = args.numpy_loops and not args.gpu
     has_torch = args.torch and not args.gpu
     if has_torch and importlib.util.find_spec("torch") is None:
-        parser.error("--torch needs PyTorch installed beside nfcore (pip install torch)")
+        parser.error("--torch needs PyTorch installed beside nfcore (pip install -e '.[bench]')")
+    print(f"InvConv benchmark: k={k}, float32, {device}; best of several runs, ms")
+    header = (f"{'BxCxH':>9} {'forward':>8} {'GF/s':>6} {'inverse':>8} {'inv/fwd':>7} "
+              f"{'diagonal':>8} {'raster':>8} {'backward':>8} {'finc':>7} {'GF/s':>6}")
     if has_torch:
         header += f" {'torch':>7} {'fwd/torch':>9}"
     if numpy_loops:
         header += f" {'np-wave':>9} {'np-raster':>10} {'ratio':>6}"
     print(header)
-    for H in sizes:
-        r = bench_size(B, C, H, k, xp, kernels, sync, numpy_loops, has_torch)
-        line = (f"{r['size']:>7} {r['forward'] * 1e3:9.2f} {r['gflops']:6.1f} {r['inverse'] * 1e3:9.2f} "
-                f"{r['inverse'] / r['forward']:8.2f} {r['raster'] * 1e3:9.2f} "
-                f"{r['raster'] / r['inverse']:10.2f} {r['backward'] * 1e3:9.2f}")
+    for B, C, H in shapes:
+        r = bench_shape(B, C, H, k, xp, kernels, sync, numpy_loops, has_torch)
+        finc = (f"{r['finc'] * 1e3:7.2f} {r['finc_gflops']:6.1f}" if "finc" in r
+                else f"{'-':>7} {'-':>6}")
+        line = (f"{r['shape']:>9} {r['forward'] * 1e3:8.2f} {r['gflops']:6.1f} "
+                f"{r['inverse'] * 1e3:8.2f} {r['inverse'] / r['forward']:7.2f} "
+                f"{r['diagonal'] * 1e3:8.2f} {r['raster'] * 1e3:8.2f} {r['backward'] * 1e3:8.2f} "
+                + finc)
         if has_torch:
-            line += f" {r['torch'] * 1e3:7.2f} {r['forward'] / r['torch']:9.1f}"
+            line += f" {r['torch'] * 1e3:7.2f} {r['torch'] / r['forward']:9.2f}"
         if numpy_loops:
             line += (f" {r['np_wave'] * 1e3:9.1f} {r['np_raster'] * 1e3:10.1f} "
                      f"{r['np_raster'] / r['np_wave']:6.1f}")
         print(line + f"   (inverse error {r['error']:.1e})", flush=True)
 
+    if args.contention and not args.gpu:
+        B, C, H = shapes[0]
+        quiet, busy = contention(B, C, H, k, has_torch)
+        print(f"\nBeside one busy process ({B}x{C}x{H}), ms: quiet, busy, slowdown")
+        for name in quiet:
+            print(f"{name:>14} {quiet[name] * 1e3:8.2f} {busy[name] * 1e3:8.2f} "
+                  f"{busy[name] / quiet[name]:8.2f}x", flush=True)
+
+    C = shapes[0][1]
     print("\nDense solve of one sample, float64 (the system the wavefront solves), ms")
     print(f"{'size':>7} {'D':>6} {'dense LU':>10} {'wavefront':>10} {'ratio':>8}")
     for H in (8, 16):

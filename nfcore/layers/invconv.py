@@ -140,7 +140,10 @@ class GroupedMaskedConv(Layer):
     def backward(self, dy, dlogdet):
         """dx from dy (B, C, H, W) and dlogdet (B,); adds dL/dweight (and dL/dlog_diag).
 
-        dx      = the transposed masked convolution of dy (kernel tap flipped, channels swapped)
+        dx      = the transposed masked convolution of dy (kernel tap flipped, channels swapped):
+                  the forward kernel run on dy with every group's flips reversed and the
+                  channels of w swapped (``kernels.input_grad_by_flips``; the flips are done
+                  by the layout conversion, at no extra cost)
         dW_eff  = sum_{n,i,j} dy[n, co, i, j] * x[n, ci, i-(k-1)+a, j-(k-1)+b]
         dweight = dW_eff ⊙ mask                       (masked entries and diagonal get 0)
         dlog_diag[c] = dW_eff[c, c, k-1, k-1] * exp(s_c) + H·W·Σ_n dlogdet[n]
@@ -150,8 +153,12 @@ class GroupedMaskedConv(Layer):
         check_images(dy, "dy", self.channels, finite=False)
         xg, shape = cache
         kernel = kernels.for_array(dy)
-        dyg = kernel.to_groups(dy.astype(xg.dtype, copy=False), self._flips())
-        dxg = kernel.conv_input_grad(dyg, self._kernel_weight(xg.dtype))
+        dy = dy.astype(xg.dtype, copy=False)
+        flips, opposite_flips = self._flips(), 1 - self._flips()
+        dyg = kernel.to_groups(dy, flips)
+        w_transposed = self._kernel_weight(xg.dtype).transpose(0, 1, 2, 4, 3)
+        dxg = kernel.conv_forward(kernel.to_groups(dy, opposite_flips),
+                                  get_array_module(dy).ascontiguousarray(w_transposed))
         dw_kernel = kernel.conv_weight_grad(xg, dyg, self.k)    # (G, k, k, C_in, C_out)
         dw_eff = dw_kernel.transpose(0, 4, 3, 1, 2)             # (G, C_out, C_in, k, k)
 
@@ -165,7 +172,7 @@ class GroupedMaskedConv(Layer):
             d_diag = dw_eff[:, idx, idx, self.k - 1, self.k - 1]
             dlog_diag += (d_diag * get_array_module(dy).exp(log_diag)
                           + H * W * dlogdet.sum()).astype(dlog_diag.dtype)
-        return kernel.from_groups(dxg, self._flips())
+        return kernel.from_groups(dxg, opposite_flips)
 
 
 class InvConv(GroupedMaskedConv):
