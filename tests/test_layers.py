@@ -13,8 +13,10 @@ parts are not trivially zero:
   shows up as O(1) errors).
 
 Then: zero-initialized layers start where they should, state round trips, and bad input gives
-clear errors. The networks' pieces (nfcore.nn) are checked through the couplings and Split,
-and Conv2d's forward against SciPy's correlate2d.
+clear errors. The networks' pieces (nfcore.nn, channel-last) are checked through the couplings
+and Split, and on their own: Conv2d (both expansion sides) against SciPy's correlate2d and the
+definitions of its gradients, Conv2d, Conv2dZero and Network against finite differences, and
+the Numba im2col / col2im against their NumPy references.
 """
 import math
 from dataclasses import dataclass
@@ -188,8 +190,8 @@ def test_split_prior_starts_standard_normal():
 
 def test_network_and_conv2d_zero_start_at_zero():
     x = np.random.default_rng(2).standard_normal((2, 3, 4, 4))
-    assert not Network(6, hidden=8).forward(x).any()
-    assert not Conv2dZero(5).forward(x).any()
+    assert not Network(6, hidden=8).forward(x).any()           # (B, C, H, W)
+    assert not Conv2dZero(5).forward(x).any()                  # channel-last (B, H, W, C)
 
 
 def test_actnorm_initializes_on_first_batch_only():
@@ -298,40 +300,164 @@ def test_gaussian_prior():
     assert sample.shape == (2, 3, 4, 4) and not sample.any()
 
 
-# ---- the networks' convolution against SciPy ---------------------------------------------------
+# ---- the networks' pieces: channel-last Conv2d, im2col / col2im, Network -------------------------
+SIDES = ["input", "output"]
+
+
+def _force_side(conv, side):
+    """Make ``conv`` expand the given side whatever its channel counts (both must be right)."""
+    conv._expand_input = lambda: side == "input"
+    return conv
+
+
+@pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("C, O, k", [(3, 4, 1), (3, 4, 3), (3, 4, 5), (5, 2, 3), (5, 2, 1)])
-def test_conv2d_matches_scipy_correlate(C, O, k):
-    """C <= O expands the input side (im2col), C > O the output side: both against SciPy."""
+def test_conv2d_matches_scipy_correlate(C, O, k, side):
+    """Channel-last x (B, H, W, C); both expansions against SciPy, backward by the definitions."""
     rng = np.random.default_rng(k)
-    x = rng.standard_normal((2, C, 5, 6))
-    conv = Conv2d(O, k, seed=k)
+    x = rng.standard_normal((2, 5, 6, C))
+    conv = _force_side(Conv2d(O, k, seed=k), side)
     conv.forward(x)
     conv.params["bias"][...] = rng.standard_normal(O)
     y = conv.forward(x)
     w, bias = conv.params["weight"], conv.params["bias"]
-    expected = np.stack([[bias[o] + sum(scipy.signal.correlate2d(x[n, c], w[o, c], mode="same")
+    expected = np.stack([[bias[o] + sum(scipy.signal.correlate2d(x[n, :, :, c], w[o, c], mode="same")
                                         for c in range(C)) for o in range(O)] for n in range(2)])
-    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y, expected.transpose(0, 2, 3, 1), rtol=1e-12, atol=1e-12)
     dy = rng.standard_normal(y.shape)
     conv.zero_grad()
     dx = conv.backward(dy)                   # the adjoint: <dy, conv(v)> = <dx, v> for any v
     v = rng.standard_normal(x.shape)
-    linear = conv.forward(v) - bias[None, :, None, None]
+    linear = conv.forward(v) - bias
     np.testing.assert_allclose(np.sum(dy * linear), np.sum(dx * v), rtol=1e-12)
     np.testing.assert_allclose(conv.grads["weight"],    # dweight from the definition
-                               np.einsum("nohw,nchwab->ocab", dy, _patches(x, k)), rtol=1e-12, atol=1e-12)
+                               np.einsum("nhwo,nhwcab->ocab", dy, _patches(x, k)), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(conv.grads["bias"], dy.sum(axis=(0, 1, 2)), rtol=1e-12)
 
 
 def _patches(x, k):
-    """(B, C, H, W, k, k): the zero-padded k×k patch around every pixel, written out plainly."""
-    B, C, H, W = x.shape
+    """(B, H, W, C, k, k): the zero-padded k×k patch around every pixel, written out plainly."""
+    B, H, W, C = x.shape
     p = k // 2
-    padded = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
-    out = np.zeros((B, C, H, W, k, k))
+    padded = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    out = np.zeros((B, H, W, C, k, k))
     for i in range(H):
         for j in range(W):
-            out[:, :, i, j] = padded[:, :, i:i + k, j:j + k]
+            out[:, i, j] = padded[:, i:i + k, j:j + k].transpose(0, 3, 1, 2)
     return out
+
+
+def finite_difference_errors(piece, x, eps=1e-6, seed=0):
+    """Directional finite-difference checks of a non-invertible piece (forward(x) -> y,
+    backward(dy) -> dx), as check_layer does for flow layers: L = Σ y·g, for x and every
+    parameter the relative error of <dL/dθ, v> against (L(θ+εv) - L(θ-εv)) / 2ε."""
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal(piece.forward(x).shape)
+    piece.zero_grad()
+    dx = piece.backward(g)
+    grads = {name: grad.copy() for name, grad in piece.grads.items()}
+
+    def loss(inputs):
+        return float(np.sum(piece.forward(inputs) * g))
+
+    def relative(analytic, numeric):
+        return abs(analytic - numeric) / max(1.0, abs(analytic), abs(numeric))
+
+    v = rng.standard_normal(x.shape)
+    errors = {"x": relative(np.sum(dx * v), (loss(x + eps * v) - loss(x - eps * v)) / (2 * eps))}
+    for name, param in piece.params.items():
+        p0 = param.copy()
+        v = rng.standard_normal(param.shape)
+        param[...] = p0 + eps * v
+        loss_plus = loss(x)
+        param[...] = p0 - eps * v
+        loss_minus = loss(x)
+        param[...] = p0
+        errors[name] = relative(np.sum(grads[name] * v), (loss_plus - loss_minus) / (2 * eps))
+    return errors
+
+
+def _perturb(piece, x, rng, scale=0.3):
+    """Build piece's parameters on x, then move every one of them off its starting value."""
+    piece.forward(x)
+    for param in piece.params.values():
+        param += scale * rng.standard_normal(param.shape)
+    return piece
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("make", [lambda: Conv2d(4, 3, seed=1), lambda: Conv2d(3, 1, seed=2),
+                                  lambda: Conv2dZero(4, 3), lambda: Conv2dZero(2, 5)],
+                         ids=["Conv2d3x3", "Conv2d1x1", "Conv2dZero3x3", "Conv2dZero5x5"])
+def test_conv2d_backward_matches_finite_differences(make, side):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 5, 4, 3))
+    conv = _perturb(_force_side(make(), side), x, rng)
+    errors = finite_difference_errors(conv, x)
+    assert set(errors) == {"x"} | set(conv.params)
+    assert max(errors.values()) <= 1e-6, errors
+
+
+@pytest.mark.parametrize("actnorm", [False, True], ids=["plain", "actnorm"])
+def test_network_backward_matches_finite_differences(actnorm):
+    """The network as a coupling calls it: channel-first in and out, channel-last inside."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 3, 4, 5))
+    net = _perturb(Network(4, hidden=6, actnorm=actnorm, seed=3), x, rng)
+    assert net.forward(x).shape == (2, 4, 4, 5)
+    errors = finite_difference_errors(net, x)
+    assert set(errors) == {"x"} | set(net.params)
+    assert max(errors.values()) <= 1e-6, errors
+
+
+def test_network_float32_stays_float32():
+    """No float64 promotion inside: every output, gradient and activation is float32."""
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    for net in [Network(6, hidden=8), Network(6, hidden=8, actnorm=True)]:
+        _perturb(net, x, rng)
+        for param in net.params.values():
+            param[...] = param.astype(np.float32)
+        h = net.forward(x)
+        dx = net.backward(np.ones_like(h))
+        assert h.dtype == dx.dtype == np.float32 and h.flags.c_contiguous and dx.flags.c_contiguous
+        assert {g.dtype for g in net.grads.values()} == {np.dtype(np.float32)}
+        hidden = net.relu2._cache
+        assert hidden.shape == (2, 4, 4, 8) and hidden.flags.c_contiguous   # channel-last
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("B, H, W, C, k", [(2, 5, 6, 3, 3), (1, 4, 3, 2, 5), (3, 2, 2, 4, 3),
+                                           (2, 3, 4, 5, 1), (2, 7, 5, 1, 7)])
+def test_im2col_numba_matches_numpy(B, H, W, C, k, dtype):
+    """The Numba kernels against the NumPy references, and col2im is im2col's transpose."""
+    from nfcore.nn import col2im, col2im_numba, col2im_numpy, im2col, im2col_numba, im2col_numpy
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((B, H, W, C)).astype(dtype)
+    cols = im2col_numba(x, k)
+    assert cols.dtype == dtype and cols.shape == (B * H * W, k * k * C)
+    np.testing.assert_array_equal(cols, im2col_numpy(x, k))
+    np.testing.assert_array_equal(im2col(x, k), cols)
+    assert cols[0, :C].tolist() == ([0.0] * C if k > 1 else x[0, 0, 0].tolist())   # padding
+    d = rng.standard_normal(cols.shape).astype(dtype)
+    back = col2im_numba(d, B, H, W, k)
+    assert back.dtype == dtype and back.shape == x.shape
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(back, col2im_numpy(d, x.shape, k), rtol=tol, atol=tol)
+    np.testing.assert_allclose(col2im(d, x.shape, k), back, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.sum(cols * d, dtype=np.float64), np.sum(x * back, dtype=np.float64),
+                               rtol=tol)
+
+
+def test_conv2d_channel_last_errors():
+    conv = Conv2d(4, 3)
+    with pytest.raises(ValueError, match="channel-last"):
+        conv.forward(np.zeros((2, 3, 4)))
+    conv.forward(np.zeros((1, 4, 4, 3)))
+    with pytest.raises(ValueError, match="last axis.*built for 3"):
+        conv.forward(np.zeros((1, 3, 4, 4)))     # channel-first by mistake
+    with pytest.raises(ValueError, match="shape"):
+        conv.backward(np.zeros((1, 4, 4, 3)))
 
 
 def test_exports():

@@ -4,6 +4,7 @@ Shapes: x (B, C, H, W), C >= 2; z1 = x[:, :C1] kept, z2 = x[:, C1:] factored out
 C2 = C - C1::
 
     h           = Conv2dZero(z1)                   (B, 2·C2, H, W), zero-initialized 3×3 conv
+                                                   (run channel-last: z1 and h transposed at its edges)
     mean, logs  = h[:, :C2], h[:, C2:]
     logp        = log N(z2; mean, exp(logs)²)      (B,), summed over z2's values
 
@@ -32,6 +33,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..nn.composite import Composite
 from ..nn.conv2d_zero import Conv2dZero
+from ..nn.network import channel_first, channel_last
 from .base import check_images
 from .prior import gaussian_log_prob, gaussian_log_prob_grads, gaussian_sample
 
@@ -57,7 +59,7 @@ class Split(Composite):
 
     def prior_mean_logs(self, z1):
         """(mean, logs) of z2's Gaussian given z1, each (B, C2, H, W)."""
-        h = self.prior.forward(z1)
+        h = channel_first(self.prior.forward(channel_last(z1)))
         C2 = h.shape[1] // 2
         return h[:, :C2], h[:, C2:]
 
@@ -108,6 +110,6 @@ class Split(Composite):
         dx2 = dz2_logp * g
         if dz2 is not None:
             dx2 = dx2 + dz2
-        dx1 = dz1.astype(z2.dtype, copy=False) + self.prior.backward(
-            xp.concatenate([dmean * g, dlogs * g], axis=1))
+        dh = xp.concatenate([dmean * g, dlogs * g], axis=1)
+        dx1 = dz1.astype(z2.dtype, copy=False) + channel_first(self.prior.backward(channel_last(dh)))
         return xp.concatenate([dx1, dx2], axis=1)

@@ -1,114 +1,131 @@
 """Conv2d: the k×k convolution of the coupling networks (stride 1, "same" zero padding, bias).
 
-Shapes: x (B, C, H, W) -> y (B, O, H, W); weight (O, C, k, k); bias (O,). k odd, p = k // 2::
+Channel-last: x (B, H, W, C) -> y (B, H, W, O). The parameters keep the usual layout, weight
+(O, C, k, k) and bias (O,) (checkpoints and PyTorch's conv2d use it). k odd, p = k // 2::
 
-    y[n, o, i, j] = bias[o] + sum_{c, a, b} weight[o, c, a, b] * x[n, c, i - p + a, j - p + b]
+    y[n, i, j, o] = bias[o] + sum_{a, b, c} weight[o, c, a, b] * x[n, i - p + a, j - p + b, c]
 
-(x is zero outside the image). Computed with im2col and one matrix product, written with
-images flattened to (channels, B·H·W)::
+(x is zero outside the image). Every product below is one matrix product (GEMM) whose rows are
+the B·H·W pixels, on contiguous matrices: with channel-last images, x is already the matrix
+(B·H·W, C) and y the matrix (B·H·W, O), so nothing is transposed.
 
-    cols    = im2col(x)                 (C·k·k, B·H·W): column (n, i, j) is the patch at (i, j)
-    y       = weight.reshape(O, C·k·k) @ cols                              ``correlate``
-    dx      = col2im(weight.reshape(O, C·k·k).T @ dy)                      ``correlate_transpose``
-    dweight = dy @ cols.T                                                  ``weight_grad``
-    dbias   = sum of dy over n, i, j
+**Expanding the input side** (C <= O), with im2col's patch matrix (nfcore/nn/im2col.py)::
 
-col2im is im2col's transpose: it adds each column back into the pixels its patch came from.
+    cols    = im2col(x)                  (B·H·W, k·k·C): row = a pixel's patch, columns (a, b, c)
+    Wmat    = weight as (k·k·C, O),      Wmat[(a, b, c), o] = weight[o, c, a, b]
+    y       = cols @ Wmat                (B·H·W, O)
+    dweight = dy^T @ cols                (O, k·k·C), back to (O, C, k, k)
+    dx      = col2im(dy @ Wmat^T)        (B·H·W, k·k·C) summed back into (B, H, W, C)
 
-**Which side is expanded.** cols holds C·k² values per pixel: cheap for the first conv of a
-coupling network (C = a few channels in, 512 out), wasteful for its last one (512 in, a few
-out). The same convolution is also the *transposed* convolution of the flipped kernel
-V = flip(weight) (C, O, k, k), V[c, o, a, b] = weight[o, c, k-1-a, k-1-b]; in that form every
-product expands the O side instead::
+**Expanding the output side** (C > O). cols holds k·k·C values per pixel: cheap for the first
+conv of a coupling network (a few channels in, 512 out), wasteful for its last one (512 in, a
+few out). There the product comes first and the k·k taps are summed after it; col2im is that
+shifted sum, with the taps reversed::
 
-    y       = correlate_transpose(x, V)       dx = correlate(dy, V)
-    dweight = flip(weight_grad(dy, x))        (x takes dy's place: dV, flipped back)
+    V       = weight as (C, k·k·O),      V[c, (a, b, o)] = weight[o, c, k-1-a, k-1-b]
+    Z       = x @ V                      (B·H·W, k·k·O): every tap's contribution of every pixel
+    y       = col2im(Z)                  y[n,i,j,o] = sum_{a,b} Z[(n, i+p-a, j+p-b), (a, b, o)]
+                                                    = sum_{a,b} x[n, i-p+a', j-p+b'] · weight[o, :, a', b']
+                                                      (a' = k-1-a: the reversal undoes col2im's)
+    dZ      = im2col(dy)                 (B·H·W, k·k·O): im2col is col2im's transpose
+    dV      = x^T @ dZ                   (C, k·k·O), back to (O, C, k, k)
+    dx      = dZ @ V^T                   (B·H·W, C)
 
-so Conv2d expands whichever of C and O is smaller. Measured on the 2-core CPU (NumPy +
-OpenBLAS, float32, B=16, 16×16, forward + backward, best of 5):
+so the expanded matrices have k·k·min(C, O) columns either way. For k = 1 both are the same
+single product (im2col and col2im are reshapes). dbias = sum of dy over its B·H·W rows.
 
-    6 -> 512, 3×3      im2col 7 ms     summing k² per-tap products 24 ms
-    512 -> 12, 3×3     im2col 100 ms   output side 9 ms                per-tap products 54 ms
-    512 -> 512, 1×1    im2col 27 ms    per-tap products 27 ms (k = 1: the same product)
+Expanding the smaller side still wins at every shape of the coupling networks. Measured on the
+2-core CPU (float32, 3×3, forward + backward, BLAS and Numba on 2 threads, best of 10, in ms)::
 
-A batched layout (B, C·k², H·W) with one product per image, which saves the transposes, was
-within ±15% of this one either way, so the single large product stays.
+    B = 16, 16×16    6 -> 512    input side 12.9    output side 105.8
+    B = 16, 16×16  512 -> 12     input side 148.6   output side  11.4
+    B = 64, 16×16    6 -> 64     input side  6.1    output side  54.4
+    B = 64, 16×16   64 -> 12     input side 78.4    output side  12.0
+    B = 64,  8×8    64 -> 24     input side  5.6    output side   4.1
+    B = 64,  4×4    24 -> 64     input side  1.4    output side   1.8
 
-Only x is cached, and the expansion is rebuilt in backward: it is up to k² times larger than x,
-and a flow of many couplings would otherwise hold all of them at once.
+Only x is cached: the patch matrix is rebuilt in backward, as it is up to k² times larger than
+x, and a flow of many couplings would otherwise hold all of them at once. The weight's two GEMM
+layouts are small rearranged copies made in each forward and backward.
 Not invertible: forward(x) -> y and backward(dy) -> dx only.
 """
 import numpy as np
 
 from ..backend import default_array_module, get_array_module
-from ..layers.base import Layer, check_gradient, check_images
+from ..layers.base import Layer, check_gradient
+from .im2col import col2im, im2col
 
 
-def im2col(x, k):
-    """(B, C, H, W) -> (C·k·k, B·H·W): row (c, a, b), column (n, i, j) = x[n, c, i-p+a, j-p+b]."""
-    xp = get_array_module(x)
-    B, C, H, W = x.shape
-    p = k // 2
-    x_padded = xp.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
-    cols = xp.empty((C, k, k, B, H, W), dtype=x.dtype)
-    for a in range(k):
-        for b in range(k):
-            cols[:, a, b] = x_padded[:, :, a:a + H, b:b + W].transpose(1, 0, 2, 3)
-    return cols.reshape(C * k * k, B * H * W)
+def input_side_weight(weight):
+    """Wmat (k·k·C, O) from weight (O, C, k, k): Wmat[(a, b, c), o] = weight[o, c, a, b]."""
+    O, C, k, _ = weight.shape
+    return weight.transpose(2, 3, 1, 0).reshape(k * k * C, O)
 
 
-def col2im(cols, shape, k):
-    """The transpose of im2col: (C·k·k, B·H·W) -> (B, C, H, W), overlapping patches summed."""
-    xp = get_array_module(cols)
-    B, C, H, W = shape
-    p = k // 2
-    cols = cols.reshape(C, k, k, B, H, W)
-    x_padded = xp.zeros((B, C, H + 2 * p, W + 2 * p), dtype=cols.dtype)
-    for a in range(k):
-        for b in range(k):
-            x_padded[:, :, a:a + H, b:b + W] += cols[:, a, b].transpose(1, 0, 2, 3)
-    return x_padded[:, :, p:p + H, p:p + W]
+def output_side_weight(weight):
+    """V (C, k·k·O) from weight (O, C, k, k): V[c, (a, b, o)] = weight[o, c, k-1-a, k-1-b]."""
+    O, C, k, _ = weight.shape
+    return weight[:, :, ::-1, ::-1].transpose(1, 2, 3, 0).reshape(C, k * k * O)
 
 
-def _flat(x):
-    """(B, C, H, W) -> (C, B·H·W)."""
-    return x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
+def conv_forward_input_side(x, weight):
+    """y (B, H, W, O) = cols @ Wmat, cols = im2col(x) (B·H·W, k·k·C)."""
+    B, H, W, _ = x.shape
+    O, k = weight.shape[0], weight.shape[2]
+    return (im2col(x, k) @ input_side_weight(weight)).reshape(B, H, W, O)
 
 
-def _image(y, B, H, W):
-    """(O, B·H·W) -> (B, O, H, W), contiguous."""
-    return get_array_module(y).ascontiguousarray(y.reshape(-1, B, H, W).transpose(1, 0, 2, 3))
+def conv_backward_input_side(dy, x, weight):
+    """(dx (B, H, W, C), dweight (O, C, k, k)): dweight = dy^T @ cols, dx = col2im(dy @ Wmat^T)."""
+    B, H, W, O = dy.shape
+    C, k = weight.shape[1], weight.shape[2]
+    dy = dy.reshape(B * H * W, O)
+    dweight = (dy.T @ im2col(x, k)).reshape(O, k, k, C).transpose(0, 3, 1, 2)
+    dx = col2im(dy @ input_side_weight(weight).T, x.shape, k)
+    return dx, dweight
 
 
-def flip(w):
-    """(O, C, k, k) -> (C, O, k, k): channels swapped, taps reversed. flip(flip(w)) = w."""
-    return w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+def conv_forward_output_side(x, weight):
+    """y (B, H, W, O) = col2im(x @ V), x as (B·H·W, C), V (C, k·k·O)."""
+    B, H, W, C = x.shape
+    O, k = weight.shape[0], weight.shape[2]
+    return col2im(x.reshape(B * H * W, C) @ output_side_weight(weight), (B, H, W, O), k)
 
 
-def correlate(x, w):
-    """y (B, O, H, W) = sum_{c,a,b} w[o, c, a, b] x[n, c, i-p+a, j-p+b]; expands x (C·k² rows)."""
-    B, C, H, W = x.shape
-    return _image(w.reshape(w.shape[0], -1) @ im2col(x, w.shape[2]), B, H, W)
+def conv_backward_output_side(dy, x, weight):
+    """(dx, dweight): dZ = im2col(dy), dV = x^T @ dZ, dx = dZ @ V^T."""
+    B, H, W, C = x.shape
+    O, k = weight.shape[0], weight.shape[2]
+    dZ = im2col(dy, k)                                          # (B·H·W, k·k·O)
+    dV = (x.reshape(B * H * W, C).T @ dZ).reshape(C, k, k, O)   # dV[c, a, b, o]
+    dweight = dV[:, ::-1, ::-1, :].transpose(3, 0, 1, 2)        # weight[o, c, a, b] = V[c, k-1-a, k-1-b, o]
+    dx = (dZ @ output_side_weight(weight).T).reshape(B, H, W, C)
+    return dx, dweight
 
 
-def correlate_transpose(dy, w):
-    """The transpose of ``correlate(·, w)`` applied to dy (B, O, H, W) -> (B, C, H, W)."""
-    B, _, H, W = dy.shape
-    O, C, k, _ = w.shape
-    return col2im(w.reshape(O, -1).T @ _flat(dy), (B, C, H, W), k)
-
-
-def weight_grad(x, dy, k):
-    """dw (O, C, k, k) = sum_{n,i,j} dy[n, o, i, j] x[n, c, i-p+a, j-p+b]; expands x."""
-    O, C = dy.shape[1], x.shape[1]
-    return (_flat(dy) @ im2col(x, k).T).reshape(O, C, k, k)
+def check_channel_last(x, name="x", channels=None):
+    """Raise a clear error unless x is a float32/float64 (B, H, W, C) array with no empty axis
+    and, when given, ``channels`` channels (its last axis)."""
+    if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"{name} must have 4 dimensions (batch, height, width, channels: "
+                         f"channel-last), got shape {tuple(x.shape)}")
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+    if 0 in x.shape:
+        raise ValueError(f"{name} has an empty dimension: shape {tuple(x.shape)}")
+    if channels is not None and x.shape[3] != channels:
+        raise ValueError(f"{name} has {x.shape[3]} channels (last axis) but the layer was "
+                         f"built for {channels}")
 
 
 class Conv2d(Layer):
-    """k×k convolution, stride 1, same padding. params: "weight" (O, C, k, k), "bias" (O,).
+    """k×k convolution of channel-last images, stride 1, same padding.
 
-    The weight is created on first use from the input's channel count when ``in_channels`` is
-    None: He-normal, std sqrt(2 / (C·k·k)), seeded; the bias starts at zero.
+    params: "weight" (O, C, k, k), "bias" (O,). The weight is created on first use from the
+    input's channel count when ``in_channels`` is None: He-normal, std sqrt(2 / (C·k·k)),
+    seeded; the bias starts at zero.
     """
 
     def __init__(self, out_channels, kernel_size=3, in_channels=None, bias=True, dtype=None, seed=0):
@@ -145,38 +162,37 @@ class Conv2d(Layer):
         self.zero_grad()
 
     def _expand_input(self):
-        """True: expand the input side (C·k² rows), else the output side (O·k²)."""
+        """True: expand the input side (k·k·C columns), else the output side (k·k·O)."""
         return self.channels <= self.out_channels
 
     def forward(self, x):
-        """y (B, O, H, W) = the convolution of x (B, C, H, W), plus the bias."""
-        check_images(x, "x", self.channels, finite=False)
+        """y (B, H, W, O) = the convolution of x (B, H, W, C), plus the bias."""
+        check_channel_last(x, "x", self.channels)
+        xp = get_array_module(x)
         if self.channels is None:
-            self._build(x.shape[1], get_array_module(x), self.dtype or x.dtype)
+            self._build(x.shape[3], xp, self.dtype or x.dtype)
+        x = xp.ascontiguousarray(x)
         weight = self.params["weight"].astype(x.dtype, copy=False)
         if self._expand_input():
-            y = correlate(x, weight)
+            y = conv_forward_input_side(x, weight)
         else:
-            y = correlate_transpose(x, flip(weight))
+            y = conv_forward_output_side(x, weight)
         if self.bias:
-            y += self.params["bias"].astype(x.dtype, copy=False)[None, :, None, None]
+            y += self.params["bias"].astype(x.dtype, copy=False)
         self._cache = x
         return y
 
     def backward(self, dy):
-        """dx (B, C, H, W) from dy (B, O, H, W); adds dL/dweight and dL/dbias into grads."""
+        """dx (B, H, W, C) from dy (B, H, W, O); adds dL/dweight and dL/dbias into grads."""
         x = getattr(self, "_cache", None)
-        B, C, H, W = x.shape if x is not None else (None,) * 4
-        check_gradient(dy, None if x is None else (B, self.out_channels, H, W))
-        dy = dy.astype(x.dtype, copy=False)
+        check_gradient(dy, None if x is None else x.shape[:3] + (self.out_channels,))
+        dy = get_array_module(x).ascontiguousarray(dy, dtype=x.dtype)
         weight = self.params["weight"].astype(x.dtype, copy=False)
         if self._expand_input():
-            dweight = weight_grad(x, dy, self.k)
-            dx = correlate_transpose(dy, weight)
+            dx, dweight = conv_backward_input_side(dy, x, weight)
         else:
-            dweight = flip(weight_grad(dy, x, self.k))
-            dx = correlate(dy, flip(weight))
-        self.grads["weight"] += dweight.astype(self.grads["weight"].dtype, copy=False)
+            dx, dweight = conv_backward_output_side(dy, x, weight)
+        self.grads["weight"] += dweight
         if self.bias:
-            self.grads["bias"] += dy.sum(axis=(0, 2, 3)).astype(self.grads["bias"].dtype)
+            self.grads["bias"] += dy.reshape(-1, self.out_channels).sum(axis=0)
         return dx

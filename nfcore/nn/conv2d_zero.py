@@ -1,15 +1,16 @@
 """Conv2dZero: Glow's zero-initialized last convolution of a coupling network.
 
-Shapes: x (B, C, H, W) -> y (B, O, H, W); weight (O, C, k, k), bias (O,), logs (O,)::
+Channel-last, like Conv2d: x (B, H, W, C) -> y (B, H, W, O); weight (O, C, k, k), bias (O,),
+logs (O,)::
 
     u = conv(x, weight) + bias                    (Conv2d, same padding)
-    y = u * exp(3 · logs)                          (per output channel)
+    y = u * exp(3 · logs)                          (per output channel: the last axis)
 
 All three parameters start at zero, so the network's output starts at zero (a coupling starts
 as a fixed scaling, a split prior as the standard normal). The factor 3 (Glow's
 ``logscale_factor``) lets the output scale grow three times faster than logs' own step.
 
-Backward, with e = exp(3 · logs)::
+Backward, with e = exp(3 · logs) (O,)::
 
     dlogs = 3 · e · sum_{n,i,j} dy · u
     du    = dy · e          then Conv2d's backward gives dx, dweight, dbias
@@ -34,9 +35,9 @@ class Conv2dZero(Conv2d):
         return {"weight": np.zeros((O, in_channels, k, k)), "bias": np.zeros(O), "logs": np.zeros(O)}
 
     def _scale(self, dtype):
-        """(1, O, 1, 1) exp(3 · logs) in the given dtype."""
+        """(O,) exp(3 · logs) in the given dtype: broadcasts along the channel-last axis."""
         logs = self.params["logs"].astype(dtype, copy=False)
-        return get_array_module(logs).exp(LOGSCALE_FACTOR * logs)[None, :, None, None]
+        return get_array_module(logs).exp(LOGSCALE_FACTOR * logs)
 
     def forward(self, x):
         u = super().forward(x)
@@ -53,6 +54,7 @@ class Conv2dZero(Conv2d):
         u = self._u
         dy = dy.astype(u.dtype, copy=False)
         scale = self._scale(u.dtype)
-        dlogs = LOGSCALE_FACTOR * (dy * u * scale).sum(axis=(0, 2, 3))
-        self.grads["logs"] += dlogs.astype(self.grads["logs"].dtype)
-        return super().backward(dy * scale)
+        du = dy * scale
+        dlogs = LOGSCALE_FACTOR * (du * u).reshape(-1, self.out_channels).sum(axis=0)
+        self.grads["logs"] += dlogs
+        return super().backward(du)

@@ -1,14 +1,19 @@
 """Network: the coupling network NN(x) of Glow's affine coupling.
 
-Shapes: x (B, C_in, H, W) -> h (B, C_out, H, W)::
+Shapes: x (B, C_in, H, W) -> h (B, C_out, H, W), channels first like every flow layer::
 
     h = Conv2dZero_3x3( ReLU( Conv_1x1( ReLU( Conv_3x3(x) ) ) ) )
             C_in -> hidden -> hidden -> C_out
 
-With ``actnorm=True`` each hidden conv drops its bias and is followed by an ActNorm, as in Glow
-(conv -> ActNorm -> ReLU); ActNorm's log-determinant plays no part here (the network is not a
-flow step), so its backward gets dlogdet = 0. The last conv is zero-initialized: h = 0 at the
-start, whatever x.
+Inside, the activations are channel-last (B, H, W, channels), the layout in which each conv is
+one matrix product with no transposes (see conv2d.py): forward transposes x once on entry and
+h once on exit, backward does the same for dh and dx. With ``actnorm=True`` each hidden conv
+drops its bias and is followed by an ActNorm, as in Glow (conv -> ActNorm -> ReLU). ActNorm is
+a flow layer and reads (B, C, H, W): it gets the channel-first *view* of the channel-last array
+(a transpose, no copy); its elementwise output keeps the memory layout of its input (NumPy's
+default order "K"), so the view back to channel-last is contiguous again. Its log-determinant
+plays no part here (the network is not a flow step), so its backward gets dlogdet = 0. The last
+conv is zero-initialized: h = 0 at the start, whatever x.
 
 params (flattened): "conv1.weight" (hidden, C_in, 3, 3), "conv1.bias" (hidden,),
 "conv2.weight" (hidden, hidden, 1, 1), "conv2.bias" (hidden,), "conv3.weight"
@@ -23,6 +28,16 @@ from .composite import Composite, spawn_seed
 from .conv2d import Conv2d
 from .conv2d_zero import Conv2dZero
 from .relu import ReLU
+
+
+def channel_last(x):
+    """(B, C, H, W) -> (B, H, W, C), contiguous (one copy)."""
+    return get_array_module(x).ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+def channel_first(x):
+    """(B, H, W, C) -> (B, C, H, W), contiguous (one copy)."""
+    return get_array_module(x).ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 class Network(Composite):
@@ -44,30 +59,37 @@ class Network(Composite):
         self.parts["conv3"] = Conv2dZero(out_channels, 3, hidden if in_channels else None, dtype=dtype)
 
     def forward(self, x):
-        """h = NN(x)."""
-        h = self.conv1.forward(x)
+        """h (B, C_out, H, W) = NN(x), x (B, C_in, H, W)."""
+        h = self.conv1.forward(channel_last(x))
         if self.actnorm:
-            h, _ = self.norm1.forward(h)
+            h = _actnorm_forward(self.norm1, h)
         h = self.relu1.forward(h)
         h = self.conv2.forward(h)
         if self.actnorm:
-            h, _ = self.norm2.forward(h)
+            h = _actnorm_forward(self.norm2, h)
         h = self.relu2.forward(h)
-        return self.conv3.forward(h)
+        return channel_first(self.conv3.forward(h))
 
     def backward(self, dh):
-        """dx from dh, in the reverse order of forward."""
-        dh = self.conv3.backward(dh)
+        """dx (B, C_in, H, W) from dh (B, C_out, H, W), in the reverse order of forward."""
+        dh = self.conv3.backward(channel_last(dh))
         dh = self.relu2.backward(dh)
         if self.actnorm:
-            dh = self.norm2.backward(dh, _no_logdet_grad(dh))
+            dh = _actnorm_backward(self.norm2, dh)
         dh = self.conv2.backward(dh)
         dh = self.relu1.backward(dh)
         if self.actnorm:
-            dh = self.norm1.backward(dh, _no_logdet_grad(dh))
-        return self.conv1.backward(dh)
+            dh = _actnorm_backward(self.norm1, dh)
+        return channel_first(self.conv1.backward(dh))
 
 
-def _no_logdet_grad(h):
-    """dlogdet = 0 for an ActNorm inside the network: its logdet is not part of the loss."""
-    return get_array_module(h).zeros(h.shape[0], dtype=h.dtype)
+def _actnorm_forward(norm, h):
+    """ActNorm on channel-last h (B, H, W, C), through its channel-first view."""
+    y, _ = norm.forward(h.transpose(0, 3, 1, 2))
+    return y.transpose(0, 2, 3, 1)
+
+
+def _actnorm_backward(norm, dh):
+    """ActNorm's backward on channel-last dh, with dlogdet = 0: its logdet is not in the loss."""
+    dlogdet = get_array_module(dh).zeros(dh.shape[0], dtype=dh.dtype)
+    return norm.backward(dh.transpose(0, 3, 1, 2), dlogdet).transpose(0, 2, 3, 1)

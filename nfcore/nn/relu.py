@@ -1,4 +1,5 @@
-"""ReLU: y = max(x, 0); backward dx = dy where x > 0, else 0. Any shape; no parameters."""
+"""ReLU: y = max(x, 0); backward dx = dy where x > 0, else 0. Any shape and layout (the
+coupling networks use it on channel-last images); no parameters."""
 from ..layers.base import Layer, check_gradient
 
 
