@@ -13,7 +13,8 @@ torch.optim.Adam with clip_grad_norm_. ``from_nfcore`` copies every parameter an
 an nfcore Flow (after its ActNorm initialization). Before timing anything, both are checked to
 compute the same thing: log p per sample, every latent, every parameter gradient of the mean
 bits/dim, and decode from the same latents, to 1e-10 (float64) or 1e-4 (float32) of the largest
-value of nfcore's array; the run stops with exit status 1 otherwise.
+value of nfcore's array, on small models of every step kind with both couplings; the run stops
+with exit status 1 otherwise.
 
 What it is not: a second implementation to use. No checkpoints, data sets, GPU path, warm-up
 schedule or EMA; nothing in nfcore imports torch (install it with pip install -e .[bench]).
@@ -25,6 +26,8 @@ uniform-noise 8-bit images of CIFAR's shape, dequantized as train.run does:
     train step   forward + backward + Adam step (global-norm clipping at 50): images/s, best of
                  several (paper: one step)
     sample       100 images at temperature 0.7, ONE thread on both sides: seconds, best of several
+                 (timed first, on the initialized model: a few Adam steps on noise can make an
+                 untrained model's samples overflow)
 
 Ratios are nfcore's speed over torch's: above 1, nfcore is faster.
 """
@@ -591,7 +594,7 @@ def benchmark(preset, invconv, coupling, n_threads, blas_threads, sample=True):
     flow.forward(x)                                # ActNorm's data-dependent initialization
     twin = from_nfcore(flow, torch.float32)
     row = {"preset": preset, "invconv": invconv}
-    if sample:   # first: a few Adam steps on noise can make an untrained model's samples overflow
+    if sample:   # first (see the module docstring)
         with threads(1, 1):
             row["nfcore_sample_s"], row["torch_sample_s"] = time_sampling(
                 flow, twin, 100, 0.7, 1 if paper else 3, not paper)
@@ -628,8 +631,9 @@ def main(argv=None):
                         help="small: L=3 K=4 width 64 B=64; wide: L=3 K=2 width 512 B=16; "
                              "paper: L=3 K=32 width 512 B=64 (one step, one sampling run)")
     parser.add_argument("--invconv", nargs="+", default=["finc", "emerging", "glow1x1"],
-                        choices=STEP_KINDS)
-    parser.add_argument("--coupling", default="affine", choices=COUPLINGS)
+                        choices=STEP_KINDS, help="step kinds to time (default: finc emerging glow1x1)")
+    parser.add_argument("--coupling", default="affine", choices=COUPLINGS,
+                        help="coupling of the timed models (default affine)")
     parser.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS,
                         help="threads of both sides for the training step (default: all cores)")
     parser.add_argument("--blas-threads", type=int, default=1,
