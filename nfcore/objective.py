@@ -1,6 +1,6 @@
 """The objective of a flow on n_bits-bit images: bits per dimension.
 
-For dequantized images x (DESIGN.md, data/dequantize.py) with D = C·H·W dimensions, the flow's
+For dequantized images x (docs/design.md, data/dequantize.py) with D = C·H·W dimensions, the flow's
 change of variables gives log p(x) = log p(z) + logdet (natural logs), and the discrete
 images' negative log-likelihood per dimension, in bits, is::
 

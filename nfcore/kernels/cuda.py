@@ -1,6 +1,7 @@
 """Numba CUDA kernels of the masked k×k convolution in its top-left form (same API as cpu.py).
 
-Arrays are grouped and channel-last, exactly as in ``cpu.py``::
+Arrays are grouped and channel-last (the canonical layout; the CPU kernels are batch-last, see
+``cpu.py``), and the weights are as in ``cpu.py``::
 
     x, y  : (G, B, H, W, C)     images, channel-last, C-contiguous
     w     : (G, k, k, C, C)     w[g, a, b, ci, co], the effective (masked) weight

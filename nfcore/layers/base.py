@@ -1,6 +1,6 @@
 """What every invertible layer shares: parameters, gradients, and checks on its input.
 
-The layer contract (DESIGN.md)::
+The layer contract (docs/design.md)::
 
     y, logdet = layer.forward(x)     # x: (B, C, H, W); logdet: (B,), log|det dy/dx| per sample
     x = layer.inverse(y)             # exact inverse, up to float rounding

@@ -1,6 +1,6 @@
 """Logit: the logit preprocessing of RealNVP as a flow layer, with its log-determinant.
 
-Shapes: x, y (B, C, H, W); x in [-0.5, 0.5] (dequantized images, DESIGN.md's objective)::
+Shapes: x, y (B, C, H, W); x in [-0.5, 0.5] (dequantized images, the objective in docs/design.md)::
 
     p      = alpha + (1 - 2·alpha) · (x + 0.5)         in [alpha, 1 - alpha]
     y      = log p - log(1 - p)

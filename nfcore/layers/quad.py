@@ -20,7 +20,7 @@ order, each network fed with blocks already recovered::
     x3 = y3 / s2 - t2          with f2([x1, x2])     (= f2([z1, z2]))
     x4 = y4 / s3 - t3          with f3([x1, x2, x3])
 
-(DESIGN.md notes that the published code's inverse reads a wrong block; this one is derived
+(docs/design.md notes that the published code's inverse reads a wrong block; this one is derived
 from the forward above, and the tests check inverse(forward(x)) = x to 1e-10.)
 
 The implementation is coupling.BlockCoupling with four blocks, the same code as AffineCoupling
