@@ -142,40 +142,44 @@ def corner_padding(corner, k):
     return pad, flips
 
 
-def solve_top_left(y, w, pixel_order):
-    """x with conv_top_left(x, w) = y, solved group of pixels after group of pixels.
+def solve_top_left(y, w, order="wavefront"):
+    """x with conv_top_left(x, w) = y, solved pixel after pixel or anti-diagonal after one.
 
     y (G, B, C, H, W); w (G, C, C, k, k), the effective weights, top-left form:
         y[g, n, co, i, j] = Σ_{ci,a,b} w[g, co, ci, a, b] · x[g, n, ci, i-(k-1)+a, j-(k-1)+b]
-    ``pixel_order``: (rows, cols) index tensors, each a set of pixels that depend only on pixels
-    of earlier sets (anti-diagonals i + j = d, or single pixels in raster order). Per set:
-        r = y[pixels] − (every tap applied to x, the unknown pixels still 0)
-        x[pixels] = S⁻¹ r      S = w[..., k-1, k-1], the lower-triangular self-tap
+    Pixel (i, j) depends on the pixels above and to its left only, so it is solved once they are:
+        r = y[i, j] − (every tap applied to x, pixel (i, j) itself still 0)
+        x[i, j] = S⁻¹ r          S = w[..., k-1, k-1] (G, C, C), the lower-triangular self-tap
+    ``order``: "wavefront", every pixel of an anti-diagonal i + j = d at once (H+W-1 steps,
+    gathering their k×k patches), or "raster", one pixel at a time (H·W steps, a slice each).
+    S is inverted once, a triangular solve against I. Inside, images are pixel-major
+    (G, H, W, B, C), so that a pixel's values for the whole batch lie together.
     """
     G, B, C, H, W = y.shape
     k = w.shape[-1]
-    x = y.new_zeros(G, B, C, H + k - 1, W + k - 1)     # padded on the top and the left
-    self_tap = w[:, None, :, :, k - 1, k - 1]          # (G, 1, C, C)
-    taps = torch.arange(k)
-    for rows, cols in pixel_order:
-        patches = x[..., rows[:, None, None] + taps[:, None], cols[:, None, None] + taps]
-        r = y[..., rows, cols] - torch.einsum("goiab,gniqab->gnoq", w, patches)
-        x[..., rows + k - 1, cols + k - 1] = torch.linalg.solve_triangular(self_tap, r, upper=False)
-    return x[..., k - 1:, k - 1:]
+    y = y.permute(0, 3, 4, 1, 2)
+    x = y.new_zeros(G, H + k - 1, W + k - 1, B, C)    # padded on the top and the left
+    eye = torch.eye(C, dtype=w.dtype).expand(G, C, C)
+    self_tap_inverse = torch.linalg.solve_triangular(w[..., k - 1, k - 1], eye, upper=False)
 
+    def solve(patches, y_pixels):
+        """patches (G, n, k, k, B, C), y_pixels (G, n, B, C) -> x at those n pixels."""
+        r = y_pixels - torch.einsum("goiab,gqabni->gqno", w, patches)
+        return torch.einsum("goi,gqni->gqno", self_tap_inverse, r)
 
-def wavefront_order(H, W):
-    """The anti-diagonals i + j = 0 .. H+W-2: every pixel of one solved at once."""
-    order = []
-    for d in range(H + W - 1):
-        rows = torch.arange(max(0, d - W + 1), min(d, H - 1) + 1)
-        order.append((rows, d - rows))
-    return order
-
-
-def raster_order(H, W):
-    """One pixel at a time, row after row (Emerging's published inverse)."""
-    return [(torch.tensor([i]), torch.tensor([j])) for i in range(H) for j in range(W)]
+    if order == "wavefront":
+        taps = torch.arange(k)
+        for d in range(H + W - 1):
+            rows = torch.arange(max(0, d - W + 1), min(d, H - 1) + 1)
+            cols = d - rows
+            patches = x[:, rows[:, None, None] + taps[:, None], cols[:, None, None] + taps]
+            x[:, rows + k - 1, cols + k - 1] = solve(patches, y[:, rows, cols])
+    else:
+        for i in range(H):
+            for j in range(W):
+                patch = x[:, None, i:i + k, j:j + k]
+                x[:, i + k - 1, j + k - 1:j + k] = solve(patch, y[:, i, j:j + 1])
+    return x[:, k - 1:, k - 1:].permute(0, 3, 4, 1, 2)
 
 
 class MaskedConv(nn.Module):
@@ -197,7 +201,7 @@ class MaskedConv(nn.Module):
         shape = (self.G, Cg, Cg, k, k) if self.G > 1 else (Cg, Cg, k, k)
         self.weight = nn.Parameter(torch.zeros(shape))
         self.log_diag = nn.Parameter(torch.zeros(shape[:-3])) if learn_diag else None
-        self.order = wavefront_order if inverse_order == "wavefront" else raster_order
+        self.inverse_order = inverse_order
         mask = torch.ones(Cg, Cg, k, k)
         mask[:, :, k - 1, k - 1] = torch.ones(Cg, Cg).tril(-1)
         self_tap_eye = torch.zeros(Cg, Cg, k, k)
@@ -230,7 +234,7 @@ class MaskedConv(nn.Module):
         flips = [corner_padding(corner, self.k)[1] for corner in self.corners]
         y_top_left = torch.stack([y_g.flip(f) if f else y_g
                                   for y_g, f in zip(y.chunk(self.G, dim=1), flips)])
-        x = solve_top_left(y_top_left, self.effective_weight(), self.order(*y.shape[2:]))
+        x = solve_top_left(y_top_left, self.effective_weight(), self.inverse_order)
         return torch.cat([x_g.flip(f) if f else x_g for x_g, f in zip(x, flips)], dim=1)
 
 
