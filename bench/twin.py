@@ -277,7 +277,7 @@ class Network(nn.Module):
         self.conv3 = Conv2dZero(hidden, out_channels)
 
     def forward(self, x):
-        return self.conv3(F.relu(self.conv2(F.relu(self.conv1(x)))))
+        return self.conv3(F.relu(self.conv2(F.relu(self.conv1(x), inplace=True)), inplace=True))
 
 
 class Coupling(nn.Module):
