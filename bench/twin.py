@@ -529,16 +529,20 @@ def check_agreement(cases, dtypes=(np.float64, np.float32)):
 
 # ---- timing ---------------------------------------------------------------------------------------
 
-def best_time(fn, repeats, warm_up=True):
-    """The best wall time of ``repeats`` calls of fn, after one warm-up call."""
+def best_times(calls, repeats, warm_up=True):
+    """The best wall time of each of ``calls`` over ``repeats`` rounds, after one warm-up call
+    of each. The calls take turns within each round, so that a change in the machine's load
+    (it is shared) affects them alike."""
     if warm_up:
-        fn()
-    times = []
+        for call in calls:
+            call()
+    best = [math.inf] * len(calls)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for index, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            best[index] = min(best[index], time.perf_counter() - start)
+    return best
 
 
 @contextlib.contextmanager
@@ -563,6 +567,8 @@ def time_train_steps(flow, twin, x, repeats, warm_up):
         optimizer.zero_grad()
         flow.loss_and_backward(x, N_BITS)
         optimizer.step()
+        for layer in flow.layers:                  # free the activations, as torch does
+            layer.release()
 
     x_torch = torch.from_numpy(x)
     torch_optimizer = torch.optim.Adam(twin.parameters(), lr=LR)
@@ -573,19 +579,18 @@ def time_train_steps(flow, twin, x, repeats, warm_up):
         torch.nn.utils.clip_grad_norm_(twin.parameters(), MAX_GRAD_NORM)
         torch_optimizer.step()
 
-    nfcore_s = best_time(nfcore_step, repeats, warm_up)
-    for layer in flow.layers:                      # free nfcore's activations before torch runs
-        layer.release()
-    return nfcore_s, best_time(torch_step, repeats, warm_up)
+    return best_times([nfcore_step, torch_step], repeats, warm_up)
 
 
 def time_sampling(flow, twin, n, temperature, repeats, warm_up):
     """(nfcore, torch) seconds to draw n images at ``temperature``."""
     rng = np.random.default_rng(0)
-    nfcore_s = best_time(lambda: flow.sample(n, temperature, rng), repeats, warm_up)
-    with torch.no_grad():
-        torch_s = best_time(lambda: twin.sample(n, temperature), repeats, warm_up)
-    return nfcore_s, torch_s
+
+    def torch_sample():
+        with torch.no_grad():
+            twin.sample(n, temperature)
+
+    return best_times([lambda: flow.sample(n, temperature, rng), torch_sample], repeats, warm_up)
 
 
 def benchmark(preset, invconv, coupling, n_threads, blas_threads, sample=True):
