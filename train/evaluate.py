@@ -21,7 +21,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=None, help="default: as in training")
     parser.add_argument("--split", default="test", choices=("test", "train"))
     parser.add_argument("--backend", default="cpu", choices=("cpu", "gpu"))
-    parser.add_argument("--blas-threads", type=int, default=1, help=BLAS_THREADS_HELP)
+    parser.add_argument("--blas-threads", type=int, default=None, help=BLAS_THREADS_HELP)
     args = parser.parse_args(argv)
     try:
         nfcore.set_backend(args.backend)

@@ -92,7 +92,7 @@ def parse_args(argv=None):
         help="continue from CKPT (default: <out>/checkpoint.h5)")
     add("--seed", type=int, help="seed of weights, data order and noise (default 0)")
     add("--backend", default="cpu", choices=("cpu", "gpu"), help="cpu (NumPy + Numba) or gpu (CuPy)")
-    add("--blas-threads", type=int, default=1, help=BLAS_THREADS_HELP)
+    add("--blas-threads", type=int, default=None, help=BLAS_THREADS_HELP)
     args = parser.parse_args(argv)
     args.given = {key for key, value in vars(args).items() if value is not None}
     for key, value in FIXED_DEFAULTS.items():

@@ -20,7 +20,7 @@ def main(argv=None):
     parser.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="cpu", choices=("cpu", "gpu"))
-    parser.add_argument("--blas-threads", type=int, default=1, help=BLAS_THREADS_HELP)
+    parser.add_argument("--blas-threads", type=int, default=None, help=BLAS_THREADS_HELP)
     args = parser.parse_args(argv)
     if args.n < 1 or args.temperature < 0:
         parser.error("--n must be positive and --temperature non-negative")

@@ -1,0 +1,63 @@
+"""How nfcore's two thread pools share the cores: Numba's kernels and BLAS's matrix products.
+
+A training step alternates the two: a Numba parallel kernel (the masked convolutions, im2col,
+col2im), then an OpenBLAS product (the coupling networks' convolutions), then a kernel again.
+Each pool keeps its workers busy-waiting for a while after a call, in case another call comes
+soon. Numba's ``omp`` threading layer (GNU OpenMP, libgomp) spins its workers for 300,000
+``pause`` instructions by default: about 9 ms of a core after every kernel on the 2-core test
+machine (CPU time burnt while the main thread sleeps right after one call). A 2-thread product
+that starts while a Numba worker still spins gets half a core for one of its threads, and waits
+for it: a train step ran 2-3 times slower with BLAS on 2 threads than on 1, hence the old
+one-thread default of the command lines. (OpenBLAS's own workers spin too, about 110 ms after
+a product, but they call sched_yield and give the core up to a waiting thread.)
+
+The fix: Numba's OpenMP workers spin only GOMP_SPINCOUNT = 1000 times (about 30 µs) before they
+sleep, and BLAS runs on all cores. Back-to-back kernels (the wavefront inverse launches one per
+anti-diagonal) still find their workers awake; a product that comes after a kernel finds the
+cores free. libgomp reads GOMP_SPINCOUNT once, when it is loaded, and Numba loads it when its
+thread pool starts (the first parallel kernel, not ``import numba``). So
+``start_numba_threads`` sets the variable, starts the pool right away (``numba.get_num_threads``
+does), and restores the environment: the setting reaches Numba's libgomp and nothing else
+(PyTorch, imported later in the same process, brings its own libgomp, which keeps its default;
+a shorter wait made its small convolutions 20-50% slower). ``nfcore/__init__.py`` calls it
+before any kernel can run. A GOMP_SPINCOUNT or OMP_WAIT_POLICY that the user set is kept, and
+another threading layer (NUMBA_THREADING_LAYER=tbb or workqueue) is left alone.
+
+Measured on the 2-core AMD EPYC VM, whose speed drifts by ±20% from minute to minute, so BLAS on
+1 and 2 threads take turns, step by step, on one flow in one process (float32, 3×32×32, L=3,
+K=4, width 64, B=64, FInC; median of 10 steps each, ms; three processes per setting)::
+
+    Numba threading layer, setting          BLAS 1 thread    BLAS 2 threads   2 / 1, paired
+    omp, libgomp's default (300,000 spins)  397  431  415    983  965 1003    2.44 2.29 2.19
+    omp, GOMP_SPINCOUNT=1000 (nfcore's)     490  447  325    436  402  279    0.87 0.89 0.83
+    omp, OMP_WAIT_POLICY=passive (0 spins)  465  467  310    394  414  255    0.83 0.88 0.82
+    omp, GOMP_SPINCOUNT=10000               359  500  349    482  557  394    1.29 1.06 1.08
+    workqueue (Numba's own pool, sleeps)    492  497  431    401  433  384    0.86 0.88 0.91
+
+A Numba kernel and its two products, alternated 10 times (im2col of B=64, 16×16, 6 channels),
+best of 10: libgomp's default 88-124 ms with BLAS on 2 threads against 61-85 ms on 1; with
+1000 spins 52-63 ms on 2 threads. Workers that never spin cost instead where kernels are short
+and many: the single-sample wavefront solve (bench/invconv.py, 16×16) took 0.37-0.54 ms with
+libgomp's default, 0.80-1.30 ms passive, 0.53-0.61 ms with 1000 spins. Also tried: tbb (pip
+install tbb), as fast as passive in the step but one more dependency; workqueue, which aborts
+when two Python threads launch kernels at once; OPENBLAS_THREAD_TIMEOUT=4 (OpenBLAS's workers
+sleep at once; it must be set before NumPy is imported, so nfcore could not set it), within the
+noise of the step (210-295 ms against 254-338 ms at BLAS 2 threads): not set.
+"""
+import os
+
+import numba
+
+SPIN_COUNT = "1000"
+
+
+def start_numba_threads():
+    """Start Numba's thread pool now, its OpenMP workers spinning only briefly (see above)."""
+    user_set = "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ
+    if not user_set:
+        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    try:
+        numba.get_num_threads()          # loads the threading layer (libgomp) and starts it
+    finally:
+        if not user_set:
+            del os.environ["GOMP_SPINCOUNT"]
