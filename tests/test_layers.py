@@ -449,6 +449,23 @@ def test_im2col_numba_matches_numpy(B, H, W, C, k, dtype):
                                rtol=tol)
 
 
+@pytest.mark.parametrize("side", SIDES)
+def test_conv2d_on_the_numpy_references_matches_numba(side, monkeypatch):
+    """The path CuPy arrays take (im2col_numpy / col2im_numpy), run here on NumPy arrays."""
+    import nfcore.nn.patches
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((2, 5, 4, 3)).astype(np.float32)
+    conv = _perturb(_force_side(Conv2d(4, 3, seed=5), side), x, rng)
+    dy = rng.standard_normal((2, 5, 4, 4)).astype(np.float32)
+    results = []
+    for reference in (False, True):
+        monkeypatch.setattr(nfcore.nn.patches, "is_cupy_array", lambda array: reference)
+        conv.zero_grad()
+        results.append([conv.forward(x), conv.backward(dy), conv.grads["weight"].copy()])
+    for numba_result, numpy_result in zip(*results):
+        np.testing.assert_allclose(numpy_result, numba_result, rtol=1e-5, atol=1e-5)
+
+
 def test_conv2d_channel_last_errors():
     conv = Conv2d(4, 3)
     with pytest.raises(ValueError, match="channel-last"):

@@ -9,7 +9,7 @@ Channel-last: x (B, H, W, C) -> y (B, H, W, O). The parameters keep the usual la
 the B·H·W pixels, on contiguous matrices: with channel-last images, x is already the matrix
 (B·H·W, C) and y the matrix (B·H·W, O), so nothing is transposed.
 
-**Expanding the input side** (C <= O), with im2col's patch matrix (nfcore/nn/im2col.py)::
+**Expanding the input side** (C <= O), with im2col's patch matrix (nfcore/nn/patches.py)::
 
     cols    = im2col(x)                  (B·H·W, k·k·C): row = a pixel's patch, columns (a, b, c)
     Wmat    = weight as (k·k·C, O),      Wmat[(a, b, c), o] = weight[o, c, a, b]
@@ -53,7 +53,7 @@ import numpy as np
 
 from ..backend import default_array_module, get_array_module
 from ..layers.base import Layer, check_gradient
-from .im2col import col2im, im2col
+from .patches import col2im, im2col
 
 
 def input_side_weight(weight):

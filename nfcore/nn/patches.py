@@ -1,4 +1,4 @@
-"""im2col and col2im on channel-last images: the patch matrix of a k×k convolution and its transpose.
+"""im2col and col2im on channel-last images: a k×k convolution's patch matrix and its transpose.
 
 Shapes: x (B, H, W, C), channel-last; cols (B·H·W, k·k·C); k odd, p = k // 2::
 
