@@ -8,8 +8,8 @@ The shapes are those of a 3×32×32 flow with L = 3 levels (squeezed to 12, 24, 
 16×16, 8×8, 4×4): an affine coupling's network reads half of the channels and writes two values
 (shift, scale) per channel of the other half::
 
-    small   B = 64, width 64:    6 -> 64 -> 64 -> 12 at 16×16,  12 -> .. -> 24 at 8×8,  24 -> .. -> 48 at 4×4
-    wide    B = 16, width 512:   the same, with 512 hidden channels
+    small   B = 64, width 64:   6 -> 64 -> 64 -> 12 at 16×16, 12 -> .. -> 24 at 8×8, 24 -> .. -> 48 at 4×4
+    wide    B = 16, width 512:  the same, with 512 hidden channels
 
 Rows: the whole network (forward + backward, dx and every parameter's gradient, as a coupling
 runs it), then each of its three convolutions alone (forward + backward on the input the

@@ -8,20 +8,20 @@ soon. Numba's ``omp`` threading layer (GNU OpenMP, libgomp) spins its workers fo
 machine (CPU time burnt while the main thread sleeps right after one call). A 2-thread product
 that starts while a Numba worker still spins gets half a core for one of its threads, and waits
 for it: a train step ran 2-3 times slower with BLAS on 2 threads than on 1, hence the old
-one-thread default of the command lines. (OpenBLAS's own workers spin too, about 110 ms after
-a product, but they call sched_yield and give the core up to a waiting thread.)
+one-thread default of the command lines. (OpenBLAS's own workers spin too, but yield: see
+"OpenBLAS's side" below.)
 
 The fix: Numba's OpenMP workers spin only GOMP_SPINCOUNT = 1000 times (about 30 µs) before they
-sleep, and BLAS runs on all cores. Back-to-back kernels (the wavefront inverse launches one per
-anti-diagonal) still find their workers awake; a product that comes after a kernel finds the
-cores free. libgomp reads GOMP_SPINCOUNT once, when it is loaded, and Numba loads it when its
-thread pool starts (the first parallel kernel, not ``import numba``). So
+sleep, and BLAS runs on all cores. Back-to-back parallel regions (the inverse's anti-diagonal
+schedule runs one per anti-diagonal) still find their workers awake; a product that comes after
+a kernel finds the cores free. libgomp reads GOMP_SPINCOUNT once, when it is loaded, and Numba
+loads it when its thread pool starts (the first parallel kernel, not ``import numba``). So
 ``start_numba_threads`` sets the variable, starts the pool right away (``numba.get_num_threads``
 does), and restores the environment: the setting reaches Numba's libgomp and nothing else
-(PyTorch, imported later in the same process, brings its own libgomp, which keeps its default;
-a shorter wait made its small convolutions 20-50% slower). ``nfcore/__init__.py`` calls it
-before any kernel can run. A GOMP_SPINCOUNT or OMP_WAIT_POLICY that the user set is kept, and
-another threading layer (NUMBA_THREADING_LAYER=tbb or workqueue) is left alone.
+(PyTorch, imported later in the same process, brings its own libgomp, which keeps its default; a
+shorter wait made its small convolutions 20-50% slower). ``nfcore/__init__.py`` calls it before
+any kernel can run. A GOMP_SPINCOUNT or OMP_WAIT_POLICY that the user set is kept, and another
+threading layer (NUMBA_THREADING_LAYER=tbb or workqueue) is left alone.
 
 Measured on the 2-core AMD EPYC VM, whose speed drifts by ±20% from minute to minute, so BLAS on
 1 and 2 threads take turns, step by step, on one flow in one process (float32, 3×32×32, L=3,
@@ -40,9 +40,17 @@ best of 10: libgomp's default 88-124 ms with BLAS on 2 threads against 61-85 ms 
 and many: the single-sample wavefront solve (bench/invconv.py, 16×16) took 0.37-0.54 ms with
 libgomp's default, 0.80-1.30 ms passive, 0.53-0.61 ms with 1000 spins. Also tried: tbb (pip
 install tbb), as fast as passive in the step but one more dependency; workqueue, which aborts
-when two Python threads launch kernels at once; OPENBLAS_THREAD_TIMEOUT=4 (OpenBLAS's workers
-sleep at once; it must be set before NumPy is imported, so nfcore could not set it), within the
-noise of the step (210-295 ms against 254-338 ms at BLAS 2 threads): not set.
+when two Python threads launch kernels at once.
+
+**OpenBLAS's side.** OpenBLAS's idle workers busy-wait too, about 110 ms after each product,
+calling sched_yield: they give way to a waiting thread, but not for free. Profiled, 3 steps
+with BLAS on 2 threads spent 142 ms in col2im (43 ms with OPENBLAS_THREAD_TIMEOUT=4, 76 ms
+with BLAS on 1 thread) and 81 ms in im2col (42 ms, 50 ms).
+OPENBLAS_THREAD_TIMEOUT=4 makes them sleep at once. OpenBLAS reads it once, when NumPy loads
+it, so nfcore (imported after NumPy) cannot set it; the command lines do, in
+``train/__init__.py``, and a script can export it before Python starts. Step with BLAS on 2
+threads, median of 10 steps, five pairs of processes: 372 363 417 347 393 ms without, 329 342
+368 327 346 ms with it (2 threads / 1 thread, paired: 0.84-0.96 without, 0.76-0.86 with).
 """
 import os
 

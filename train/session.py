@@ -12,9 +12,9 @@ from .images import save_image_grid
 
 BLAS_THREADS_HELP = (
     "threads for BLAS (the coupling networks' matrix products); default: all cores. nfcore keeps "
-    "Numba's OpenMP workers from spinning against BLAS's threads (nfcore/threads.py): on 2 cores "
-    "a 3x32x32 step (L=3, K=4, width 64, B=64) takes 0.83-0.89 times as long with BLAS on 2 "
-    "threads as on 1 (2.2-2.4 times as long while Numba's workers spun)")
+    "Numba's OpenMP workers, and these command lines OpenBLAS's, from spinning against the other "
+    "pool (nfcore/threads.py): on 2 cores a 3x32x32 step (L=3, K=4, width 64, B=64) takes "
+    "0.76-0.86 times as long with BLAS on 2 threads as on 1 (2.2-2.4 times while they spun)")
 
 
 def limit_blas_threads(n_threads):

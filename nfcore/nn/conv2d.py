@@ -25,8 +25,8 @@ shifted sum, with the taps reversed::
     V       = weight as (C, k·k·O),      V[c, (a, b, o)] = weight[o, c, k-1-a, k-1-b]
     Z       = x @ V                      (B·H·W, k·k·O): every tap's contribution of every pixel
     y       = col2im(Z)                  y[n,i,j,o] = sum_{a,b} Z[(n, i+p-a, j+p-b), (a, b, o)]
-                                                    = sum_{a,b} x[n, i-p+a', j-p+b'] · weight[o, :, a', b']
-                                                      (a' = k-1-a: the reversal undoes col2im's)
+                                         = sum_{a',b',c} weight[o,c,a',b'] x[n, i-p+a', j-p+b', c]
+                                         (a' = k-1-a, b' = k-1-b: V's reversal undoes col2im's)
     dZ      = im2col(dy)                 (B·H·W, k·k·O): im2col is col2im's transpose
     dV      = x^T @ dZ                   (C, k·k·O), back to (O, C, k, k)
     dx      = dZ @ V^T                   (B·H·W, C)
@@ -98,7 +98,7 @@ def conv_backward_output_side(dy, x, weight):
     O, k = weight.shape[0], weight.shape[2]
     dZ = im2col(dy, k)                                          # (B·H·W, k·k·O)
     dV = (x.reshape(B * H * W, C).T @ dZ).reshape(C, k, k, O)   # dV[c, a, b, o]
-    dweight = dV[:, ::-1, ::-1, :].transpose(3, 0, 1, 2)        # weight[o, c, a, b] = V[c, k-1-a, k-1-b, o]
+    dweight = dV[:, ::-1, ::-1, :].transpose(3, 0, 1, 2)        # V's layout undone
     dx = (dZ @ output_side_weight(weight).T).reshape(B, H, W, C)
     return dx, dweight
 
