@@ -7,7 +7,7 @@ Channel-last: x (B, H, W, C) -> y (B, H, W, O). The parameters keep the usual la
 
 (x is zero outside the image). Every product below is one matrix product (GEMM) whose rows are
 the B·H·W pixels, on contiguous matrices: with channel-last images, x is already the matrix
-(B·H·W, C) and y the matrix (B·H·W, O), so nothing is transposed.
+(B·H·W, C) and y the matrix (B·H·W, O), so no array is copied to transpose it.
 
 **Expanding the input side** (C <= O), with im2col's patch matrix (nfcore/nn/patches.py)::
 
@@ -37,12 +37,13 @@ single product (im2col and col2im are reshapes). dbias = sum of dy over its B·H
 Expanding the smaller side still wins at every shape of the coupling networks. Measured on the
 2-core CPU (float32, 3×3, forward + backward, BLAS and Numba on 2 threads, best of 10, in ms)::
 
-    B = 16, 16×16    6 -> 512    input side 12.9    output side 105.8
-    B = 16, 16×16  512 -> 12     input side 148.6   output side  11.4
-    B = 64, 16×16    6 -> 64     input side  6.1    output side  54.4
-    B = 64, 16×16   64 -> 12     input side 78.4    output side  12.0
-    B = 64,  8×8    64 -> 24     input side  5.6    output side   4.1
-    B = 64,  4×4    24 -> 64     input side  1.4    output side   1.8
+    B = 16, 16×16    6 -> 512    input side  11.0    output side  90.0
+    B = 16, 16×16  512 -> 12     input side 122.3    output side  13.9
+    B = 64, 16×16    6 -> 64     input side   7.4    output side  42.9
+    B = 64, 16×16   64 -> 12     input side  65.6    output side  11.6
+    B = 64,  8×8    64 -> 24     input side   5.9    output side   4.2
+    B = 64,  4×4    24 -> 64     input side   1.1    output side   1.3
+    B = 16,  4×4   512 -> 48     input side   5.1    output side   4.4
 
 Only x is cached: the patch matrix is rebuilt in backward, as it is up to k² times larger than
 x, and a flow of many couplings would otherwise hold all of them at once. The weight's two GEMM
