@@ -20,7 +20,7 @@ What it is not: a second implementation to use. No checkpoints, data sets, GPU p
 schedule or EMA; nothing in nfcore imports torch (install it with pip install -e .[bench]).
 
 Timing, in one process, float32, the same thread count on both sides (torch.set_num_threads
-and numba.set_num_threads; nfcore's NumPy BLAS gets --blas-threads, 1 as in train.run), on
+and numba.set_num_threads; nfcore's NumPy BLAS gets --blas-threads, by default as many as --threads, as in train.run), on
 uniform-noise 8-bit images of CIFAR's shape, dequantized as train.run does:
 
     train step   forward + backward + Adam step (global-norm clipping at 50): images/s, best of
@@ -645,13 +645,16 @@ def main(argv=None):
                         help="coupling of the timed models (default affine)")
     parser.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS,
                         help="threads of both sides for the training step (default: all cores)")
-    parser.add_argument("--blas-threads", type=int, default=1,
-                        help="threads of NumPy's BLAS on nfcore's side (default 1, as train.run)")
+    parser.add_argument("--blas-threads", type=int, default=None,
+                        help="threads of NumPy's BLAS on nfcore's side (default: --threads, "
+                             "as train.run)")
     parser.add_argument("--no-sample", action="store_true", help="skip the sampling times")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--check-only", action="store_true", help="the agreement check alone")
     group.add_argument("--skip-check", action="store_true", help="time without the check")
     args = parser.parse_args(argv)
+    if args.blas_threads is None:
+        args.blas_threads = args.threads
     if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
         parser.error(f"--threads must lie in 1..{numba.config.NUMBA_NUM_THREADS}")
 
