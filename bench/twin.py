@@ -19,9 +19,13 @@ with exit status 1 otherwise.
 What it is not: a second implementation to use. No checkpoints, data sets, GPU path, warm-up
 schedule or EMA; nothing in nfcore imports torch (install it with pip install -e .[bench]).
 
-Timing, in one process, float32, the same thread count on both sides (torch.set_num_threads
-and numba.set_num_threads; nfcore's NumPy BLAS gets --blas-threads, by default as many as --threads, as in train.run), on
-uniform-noise 8-bit images of CIFAR's shape, dequantized as train.run does:
+Timing: each side in a process of its own (nfcore's in bench/flow_timing.py, which says why: in
+one process the two would share one OpenMP runtime, set up for one of them), the sides taking
+turns, --rounds processes each, best of all. float32, the same thread count on both sides
+(torch.set_num_threads and numba.set_num_threads; nfcore's NumPy BLAS gets --blas-threads, by
+default as many as --threads, as in train.run), on uniform-noise 8-bit images of CIFAR's shape,
+dequantized as train.run does, the same model on both sides (bench.flow_timing.make_flow, then
+from_nfcore):
 
     train step   forward + backward + Adam step (global-norm clipping at 50): images/s, best of
                  several (paper: one step)
@@ -32,38 +36,38 @@ uniform-noise 8-bit images of CIFAR's shape, dequantized as train.run does:
 Ratios are nfcore's speed over torch's: above 1, nfcore is faster.
 """
 import argparse
-import contextlib
+import json
 import math
+import subprocess
 import sys
-import time
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):   # run as python bench/twin.py: the repository root, for bench.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numba
 import numpy as np
-import threadpoolctl
 import torch
+
+# torch first, on purpose: this process times torch's side, with torch's own OpenMP settings
+# (bench/flow_timing.py); nfcore's warning about a libgomp loaded before it does not apply here.
+warnings.filterwarnings("ignore", message="an OpenMP runtime", category=RuntimeWarning)
 import torch.nn.functional as F
 from torch import nn
 
-from data import preprocess
+from bench.flow_timing import (LR, MAX_GRAD_NORM, N_BITS, N_SAMPLES, PRESETS, TEMPERATURE,
+                               best_time, make_flow, repeats_of, synthetic_images)
+
 from nfcore import layers as nf
 from nfcore.backend import to_numpy
 from nfcore.flow import COUPLINGS, STEP_KINDS, Flow
 from nfcore.layers.coupling import SCALE_SHIFT
 from nfcore.layers.invconv import GroupedMaskedConv
 from nfcore.nn.conv2d_zero import LOGSCALE_FACTOR
-from nfcore.optim import Adam
 
-IMAGE_SHAPE = (3, 32, 32)        # CIFAR-10's
-N_BITS = 8
-MAX_GRAD_NORM = 50.0             # train.run's default clipping
-LR = 1e-3
 TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}  # of max |nfcore's array|
 TORCH_DTYPE = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}
-PRESETS = {   # image 3×32×32, L levels of K steps, coupling width, batch
-    "small": dict(levels=3, steps=4, hidden=64, batch=64),
-    "wide": dict(levels=3, steps=2, hidden=512, batch=16),
-    "paper": dict(levels=3, steps=32, hidden=512, batch=64),
-}
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -451,13 +455,6 @@ def from_nfcore(flow, dtype=torch.float32):
 
 # ---- agreement -----------------------------------------------------------------------------------
 
-def synthetic_images(batch, image_shape, seed=0):
-    """(batch, C, H, W) float32: uniform-noise 8-bit images, dequantized as train.run does."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (batch,) + tuple(image_shape), dtype=np.uint8)
-    return preprocess(images, N_BITS, rng)
-
-
 def relative_error(actual, expected):
     """max |actual − expected| / max |expected| (the absolute error where expected is all 0)."""
     actual = actual.detach().numpy() if isinstance(actual, torch.Tensor) else actual
@@ -527,89 +524,70 @@ def check_agreement(cases, dtypes=(np.float64, np.float32)):
     return passed
 
 
-# ---- timing ---------------------------------------------------------------------------------------
+# ---- timing: each side in a process of its own (bench/flow_timing.py says why) ------------------
 
-def best_times(calls, repeats, warm_up=True):
-    """The best wall time of each of ``calls`` over ``repeats`` rounds, after one warm-up call
-    of each. The calls take turns within each round, so that a change in the machine's load
-    (it is shared) affects them alike."""
-    if warm_up:
-        for call in calls:
-            call()
-    best = [math.inf] * len(calls)
-    for _ in range(repeats):
-        for index, call in enumerate(calls):
-            start = time.perf_counter()
-            call()
-            best[index] = min(best[index], time.perf_counter() - start)
-    return best
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@contextlib.contextmanager
-def threads(n, blas_threads):
-    """Numba and torch on n threads, NumPy's BLAS on ``blas_threads``, restored afterwards."""
-    numba_before, torch_before = numba.get_num_threads(), torch.get_num_threads()
-    numba.set_num_threads(n)
-    torch.set_num_threads(n)
-    try:
-        with threadpoolctl.threadpool_limits(blas_threads, user_api="blas"):
-            yield
-    finally:
-        numba.set_num_threads(numba_before)
-        torch.set_num_threads(torch_before)
-
-
-def time_train_steps(flow, twin, x, repeats, warm_up):
-    """(nfcore, torch) seconds of one training step: forward, backward, clipped Adam step."""
-    optimizer = Adam(flow.layers, lr=LR, max_grad_norm=MAX_GRAD_NORM)
-
-    def nfcore_step():
-        optimizer.zero_grad()
-        flow.loss_and_backward(x, N_BITS)
-        optimizer.step()
-        for layer in flow.layers:                  # free the activations, as torch does
-            layer.release()
-
+def time_torch(preset, invconv, coupling, n_threads, sample):
+    """torch's side, in this process: the twin of ``make_flow``'s flow, the same step (forward,
+    backward, clip_grad_norm_, Adam) and sampling on one thread; seconds as ``time_nfcore``."""
+    flow, x = make_flow(preset, invconv, coupling)
+    twin = from_nfcore(flow, torch.float32)
+    repeats, warm_up = repeats_of(preset)
+    times = {}
+    if sample:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            times["sample_s"] = best_time(lambda: twin.sample(N_SAMPLES, TEMPERATURE),
+                                          min(repeats, 3), warm_up)
     x_torch = torch.from_numpy(x)
-    torch_optimizer = torch.optim.Adam(twin.parameters(), lr=LR)
+    optimizer = torch.optim.Adam(twin.parameters(), lr=LR)
 
-    def torch_step():
-        torch_optimizer.zero_grad()
+    def step():
+        optimizer.zero_grad()
         twin.bits_per_dim(x_torch, N_BITS).mean().backward()
         torch.nn.utils.clip_grad_norm_(twin.parameters(), MAX_GRAD_NORM)
-        torch_optimizer.step()
+        optimizer.step()
 
-    return best_times([nfcore_step, torch_step], repeats, warm_up)
-
-
-def time_sampling(flow, twin, n, temperature, repeats, warm_up):
-    """(nfcore, torch) seconds to draw n images at ``temperature``."""
-    rng = np.random.default_rng(0)
-
-    def torch_sample():
-        with torch.no_grad():
-            twin.sample(n, temperature)
-
-    return best_times([lambda: flow.sample(n, temperature, rng), torch_sample], repeats, warm_up)
+    torch.set_num_threads(n_threads)
+    times["step_s"] = best_time(step, repeats, warm_up)
+    return times
 
 
-def benchmark(preset, invconv, coupling, n_threads, blas_threads, sample=True):
-    """One row of the table: images/s of a training step and seconds to sample 100, both sides."""
-    config = PRESETS[preset]
-    paper = preset == "paper"                      # minutes per step: one step, no warm-up
-    flow = Flow(IMAGE_SHAPE, config["levels"], config["steps"], config["hidden"], invconv,
-                coupling, k=3, seed=0, dtype=np.float32)
-    x = synthetic_images(config["batch"], IMAGE_SHAPE)
-    flow.forward(x)                                # ActNorm's data-dependent initialization
-    twin = from_nfcore(flow, torch.float32)
-    row = {"preset": preset, "invconv": invconv}
-    if sample:   # first (see the module docstring)
-        with threads(1, 1):
-            row["nfcore_sample_s"], row["torch_sample_s"] = time_sampling(
-                flow, twin, 100, 0.7, 1 if paper else 3, not paper)
-    with threads(n_threads, blas_threads):
-        nfcore_s, torch_s = time_train_steps(flow, twin, x, 1 if paper else 5, not paper)
-    row["nfcore_img_s"], row["torch_img_s"] = config["batch"] / nfcore_s, config["batch"] / torch_s
+def run_side(side, preset, invconv, coupling, n_threads, blas_threads, sample):
+    """Time one side in a fresh process (python -m bench.flow_timing for nfcore, this file's
+    --torch-worker for torch): {"step_s", "sample_s"}."""
+    if side == "nfcore":
+        command = ["-m", "bench.flow_timing", preset, invconv, coupling, str(n_threads),
+                   str(blas_threads)]
+    else:
+        command = ["-m", "bench.twin", "--torch-worker", "--preset", preset, "--invconv",
+                   invconv, "--coupling", coupling, "--threads", str(n_threads)]
+    done = subprocess.run([sys.executable, *command] + (["--sample"] if sample else []),
+                          cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"timing {side} {preset} {invconv} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def benchmark(preset, invconv, coupling, n_threads, blas_threads, rounds, sample=True):
+    """One row of the table: images/s of a training step and seconds to sample 100, both sides;
+    the two sides take turns, ``rounds`` processes each, and each keeps its best (the machine's
+    speed drifts: taking turns exposes both to it alike)."""
+    best = {"nfcore": {}, "torch": {}}
+    for _ in range(1 if preset == "paper" else rounds):
+        for side in ("nfcore", "torch"):
+            times = run_side(side, preset, invconv, coupling, n_threads, blas_threads, sample)
+            for name, seconds in times.items():
+                best[side][name] = min(best[side].get(name, math.inf), seconds)
+    batch = PRESETS[preset]["batch"]
+    row = {"preset": preset, "invconv": invconv,
+           "nfcore_img_s": batch / best["nfcore"]["step_s"],
+           "torch_img_s": batch / best["torch"]["step_s"]}
+    if sample:
+        row["nfcore_sample_s"] = best["nfcore"]["sample_s"]
+        row["torch_sample_s"] = best["torch"]["sample_s"]
     return row
 
 
@@ -649,6 +627,12 @@ def main(argv=None):
                         help="threads of NumPy's BLAS on nfcore's side (default: --threads, "
                              "as train.run)")
     parser.add_argument("--no-sample", action="store_true", help="skip the sampling times")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="processes per side and row, taking turns; each side keeps its "
+                             "best (default 2; the paper preset: 1)")
+    parser.add_argument("--torch-worker", action="store_true",
+                        help="internal: time torch's side of one row in this process, print JSON")
+    parser.add_argument("--sample", action="store_true", help="internal, with --torch-worker")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--check-only", action="store_true", help="the agreement check alone")
     group.add_argument("--skip-check", action="store_true", help="time without the check")
@@ -657,6 +641,12 @@ def main(argv=None):
         args.blas_threads = args.threads
     if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
         parser.error(f"--threads must lie in 1..{numba.config.NUMBA_NUM_THREADS}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.torch_worker:
+        print(json.dumps(time_torch(args.preset, args.invconv[0], args.coupling, args.threads,
+                                    args.sample)))
+        return 0
 
     if not args.skip_check:
         cases = [(invconv, coupling) for invconv in STEP_KINDS for coupling in COUPLINGS]
@@ -668,7 +658,7 @@ def main(argv=None):
     rows = []
     for invconv in args.invconv:
         rows.append(benchmark(args.preset, invconv, args.coupling, args.threads,
-                              args.blas_threads, sample=not args.no_sample))
+                              args.blas_threads, args.rounds, sample=not args.no_sample))
         print(f"  {args.preset} {invconv}: done", flush=True)
     print_table(rows, args.threads, args.blas_threads)
     return 0

@@ -17,10 +17,16 @@ schedule runs one per anti-diagonal) still find their workers awake; a product t
 a kernel finds the cores free. libgomp reads GOMP_SPINCOUNT once, when it is loaded, and Numba
 loads it when its thread pool starts (the first parallel kernel, not ``import numba``). So
 ``start_numba_threads`` sets the variable, starts the pool right away (``numba.get_num_threads``
-does), and restores the environment: the setting reaches Numba's libgomp and nothing else
-(PyTorch, imported later in the same process, brings its own libgomp, which keeps its default; a
-shorter wait made its small convolutions 20-50% slower). ``nfcore/__init__.py`` calls it before
-any kernel can run. A GOMP_SPINCOUNT or OMP_WAIT_POLICY that the user set is kept, and another
+does), and restores the environment. ``nfcore/__init__.py`` calls it before any kernel can run.
+
+**One libgomp per process.** Every copy of GNU OpenMP is named libgomp.so.1 to the dynamic
+loader, so a process holds one: whichever library loads it first sets it up for all. PyTorch
+bundles its own copy, but imported after nfcore it gets nfcore's (its workers then spin 1000
+times too: a loop of its conv2d at the four bench/invconv.py shapes timed the same as in a
+process of its own, within the machine's drift). Imported *before* nfcore, torch's copy, read
+with the default 300,000 spins, is the one Numba gets, and nfcore's train steps ran 1.5-4×
+slower (bench/flow_timing.py). ``start_numba_threads`` cannot change a runtime that is already
+running, so it warns then: import nfcore first, or export GOMP_SPINCOUNT=1000. A GOMP_SPINCOUNT or OMP_WAIT_POLICY that the user set is kept, and another
 threading layer (NUMBA_THREADING_LAYER=tbb or workqueue) is left alone.
 
 Measured on the 2-core AMD EPYC VM, whose speed drifts by ±20% from minute to minute, so BLAS on
@@ -53,15 +59,31 @@ threads, median of 10 steps, five pairs of processes: 372 363 417 347 393 ms wit
 368 327 346 ms with it (2 threads / 1 thread, paired: 0.84-0.96 without, 0.76-0.86 with).
 """
 import os
+import warnings
 
 import numba
 
 SPIN_COUNT = "1000"
 
 
+def gomp_loaded():
+    """Is a GNU OpenMP runtime (libgomp) already in this process? (Linux; False elsewhere.)"""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("libgomp" in line for line in maps)
+    except OSError:
+        return False
+
+
 def start_numba_threads():
     """Start Numba's thread pool now, its OpenMP workers spinning only briefly (see above)."""
     user_set = "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ
+    if not user_set and gomp_loaded():
+        warnings.warn("an OpenMP runtime (libgomp) was loaded before nfcore, by a library "
+                      "imported first (torch, scikit-learn, ...): Numba's workers will spin "
+                      "after every kernel and slow BLAS products down (train steps 1.5-4x "
+                      "slower). Import nfcore first, or export GOMP_SPINCOUNT=1000 "
+                      "(nfcore/threads.py)", RuntimeWarning, stacklevel=2)
     if not user_set:
         os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
     try:

@@ -68,3 +68,21 @@ def test_the_command_lines_let_openblas_workers_sleep_at_once():
         import pytest
         pytest.skip("BLAS runs on one thread here: no idle workers to check")
     assert float(burnt) < 0.03, f"OpenBLAS's workers burnt {burnt} s of CPU while idle"
+
+
+def test_a_libgomp_loaded_before_nfcore_is_reported():
+    """scikit-learn's OpenMP code brings its own libgomp; loaded before nfcore, it is the one
+    Numba must use, with the default long spin: importing nfcore then warns."""
+    import os
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+    def run(code):
+        return subprocess.run([sys.executable, "-c", "import warnings; "
+                               "warnings.simplefilter('error'); " + code],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    late = run("import sklearn.datasets; import nfcore")
+    assert late.returncode != 0 and "loaded before nfcore" in late.stderr
+    first = run("import nfcore; import sklearn.datasets")
+    assert first.returncode == 0, first.stderr

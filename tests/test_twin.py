@@ -3,6 +3,8 @@ latent, every parameter gradient of the mean bits/dim and decode, to 1e-10 in fl
 step kind with both couplings. Skipped without torch (pip install -e .[bench])."""
 import pytest
 
+import nfcore  # noqa: F401  (before torch: the process's OpenMP runtime is nfcore's, nfcore/threads.py)
+
 pytest.importorskip("torch")
 
 from bench import twin  # noqa: E402  (after the skip: bench.twin imports torch)
