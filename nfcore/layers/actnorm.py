@@ -7,10 +7,15 @@ Shapes: x, y (B, C, H, W); bias (C,), logs (C,)::
     x             = y * exp(-logs) - bias                        (inverse)
 
 Initialization: the first ``forward`` sets bias = -mean and logs = -log(std + 1e-6), mean and std
-per channel over the batch and the pixels, so that this first batch comes out with zero mean
-and unit variance per channel. From then on bias and logs are ordinary parameters. The
+per channel over the batch and the pixels (``channel_moments``: two passes in float64), so that
+this first batch comes out with zero mean and unit variance per channel. From then on bias and logs are ordinary parameters. The
 ``initialized`` flag is part of ``state()`` so that a model loaded from a checkpoint is not
 initialized a second time on its first batch (a bug many Glow ports have).
+
+Data-parallel training sees only a slice of the batch in each process; inside
+``with moments_from(function):`` every ActNorm that initializes takes (mean, std) from
+``function(x)`` instead, which returns the whole batch's statistics (train/distributed.py
+reduces them over the processes).
 
 ``inverse`` before initialization raises RuntimeError: the statistics are those of the data x,
 and an output y (e.g. a sample from the prior) says nothing about them. Run a forward pass on
@@ -23,10 +28,36 @@ Backward::
     dlogs  = sum_{n,i,j} dy * y  +  H · W · sum_n dlogdet[n]
 """
 
+import contextlib
+
 from ..backend import get_array_module
 from .base import Layer, check_gradient, check_images
 
 EPS = 1e-6
+_moments = None      # set by moments_from: x -> (mean (C,), std (C,)) of the whole batch
+
+
+def channel_moments(x):
+    """(mean, std) per channel of x (B, C, H, W), each (C,) in x's dtype, computed in float64
+    in two passes: mean = Σx / n, then var = Σ(x − mean)² / n, with n = B·H·W."""
+    xp = get_array_module(x)
+    x64 = x.astype(xp.float64)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = x64.sum(axis=(0, 2, 3)) / count
+    variance = ((x64 - mean[None, :, None, None]) ** 2).sum(axis=(0, 2, 3)) / count
+    return mean.astype(x.dtype), xp.sqrt(variance).astype(x.dtype)
+
+
+@contextlib.contextmanager
+def moments_from(function):
+    """Within the block, ActNorm initializes from ``function(x)`` -> (mean, std), each (C,)
+    in x's array module, instead of x's own per-channel mean and std."""
+    global _moments
+    outer, _moments = _moments, function
+    try:
+        yield
+    finally:
+        _moments = outer
 
 
 class ActNorm(Layer):
@@ -54,8 +85,7 @@ class ActNorm(Layer):
     def initialize(self, x):
         """Set bias and logs so that x comes out with zero mean and unit variance per channel."""
         xp = get_array_module(x)
-        mean = x.mean(axis=(0, 2, 3))
-        std = x.std(axis=(0, 2, 3))
+        mean, std = (_moments or channel_moments)(x)
         self.params["bias"][...] = -mean
         self.params["logs"][...] = -xp.log(std + EPS)
         self.initialized = True
