@@ -86,3 +86,20 @@ def test_ranks_reproduce_one_process(ranks):
     assert result["loss_relative"] <= 1e-5, result
     assert result["parameters_relative"] <= 1e-5, result
     assert result["eval_relative"] <= 1e-6, result
+
+
+def test_actnorm_takes_its_statistics_from_moments_from():
+    """ActNorm's own statistics are float64 mean and std; inside moments_from it takes the
+    given function's (data-parallel training: the global batch's)."""
+    from nfcore.layers import ActNorm
+    from nfcore.layers.actnorm import channel_moments, moments_from
+    x = np.random.default_rng(0).standard_normal((5, 3, 4, 4)).astype(np.float32) * 3 + 1
+    mean, std = channel_moments(x)
+    np.testing.assert_array_equal(mean, x.astype(np.float64).mean(axis=(0, 2, 3)).astype(np.float32))
+    np.testing.assert_array_equal(std, x.astype(np.float64).std(axis=(0, 2, 3)).astype(np.float32))
+    given = (np.array([1, 2, 3], np.float32), np.array([2, 4, 8], np.float32))
+    layer = ActNorm()
+    with moments_from(lambda h: given):
+        layer.forward(x)
+    np.testing.assert_allclose(layer.params["bias"], -given[0])
+    np.testing.assert_allclose(layer.params["logs"], -np.log(given[1] + 1e-6), rtol=1e-6)
