@@ -1,12 +1,18 @@
-"""Minibatches: shuffled for training, in order for evaluation.
+"""Minibatches: the training batch of any step, and the test set in order.
 
-Training draws one permutation of the train set per epoch from a seeded
-``numpy.random.Generator`` and cuts it into batches; with ``drop_last`` the final short batch
-is left out so every step sees ``batch_size`` images. Evaluation walks the test set in order
-and covers every image (the last batch may be shorter), as test bits/dim must be over the
-whole set.
+Training (``Batches``): the batch of global step s is a pure function of (seed, s). Epoch e
+takes the permutation ``default_rng([seed, 0, e])`` of the training set and cuts it into
+batches of ``batch_size`` (the last short batch is left out, so every step sees
+``batch_size`` images); the dequantization noise of step s comes from ``default_rng([seed, 1,
+s])``. No RNG state needs saving: a resumed run sees exactly the batches and noise an
+uninterrupted one would.
+
+Evaluation (``iterate_test_batches``) walks the test set in order and covers every image (the
+last batch may be shorter), as test bits/dim must be over the whole set.
 """
 import numpy as np
+
+from .dequantize import preprocess
 
 
 def _check_batch_size(batch_size):
@@ -14,18 +20,27 @@ def _check_batch_size(batch_size):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
-def iterate_minibatches(x, batch_size, rng, drop_last=True):
-    """An iterator over one epoch of shuffled batches ``x[indices]`` of ``x`` (first axis).
+class Batches:
+    """``batches(step)``: the dequantized float32 training batch (batch_size, C, H, W) of a
+    global step, from uint8 ``images`` (N, C, H, W), NumPy."""
 
-    The permutation is drawn from ``rng`` when this function is called (not lazily), so
-    ``rng``'s state just before the call fixes the epoch.
-    """
-    _check_batch_size(batch_size)
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    order = rng.permutation(len(x))
-    stop = len(x) - len(x) % batch_size if drop_last else len(x)
-    return (x[order[start:start + batch_size]] for start in range(0, stop, batch_size))
+    def __init__(self, images, batch_size, n_bits, seed):
+        _check_batch_size(batch_size)
+        if len(images) < batch_size:
+            raise ValueError(f"the training set has {len(images)} images, fewer than "
+                             f"--batch-size {batch_size}")
+        self.images, self.batch_size, self.n_bits, self.seed = images, batch_size, n_bits, seed
+        self.steps_per_epoch = len(images) // batch_size
+        self._epoch, self._order = None, None
+
+    def __call__(self, step):
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, 0, epoch]).permutation(len(self.images))
+        chosen = self._order[index * self.batch_size:(index + 1) * self.batch_size]
+        noise = np.random.default_rng([self.seed, 1, step])
+        return preprocess(self.images[chosen], self.n_bits, noise)
 
 
 def iterate_test_batches(x, batch_size):

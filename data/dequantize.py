@@ -16,11 +16,7 @@ import numpy as np
 
 from nfcore.backend import to_numpy
 from nfcore.objective import bits_per_dim  # noqa: F401  (re-exported: data.bits_per_dim)
-
-
-def _check_n_bits(n_bits):
-    if not isinstance(n_bits, (int, np.integer)) or not 1 <= n_bits <= 8:
-        raise ValueError(f"n_bits must be an integer from 1 to 8, got {n_bits!r}")
+from nfcore.objective import check_n_bits
 
 
 def preprocess(x, n_bits, rng):
@@ -28,7 +24,7 @@ def preprocess(x, n_bits, rng):
 
     ``rng``: a ``numpy.random.Generator`` that draws the noise u (one value per entry).
     """
-    _check_n_bits(n_bits)
+    check_n_bits(n_bits)
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8:
         raise TypeError(f"x must be a uint8 NumPy array, got "
                         f"{getattr(x, 'dtype', type(x).__name__)}")
@@ -44,7 +40,7 @@ def postprocess(x, n_bits):
     0 … 2^n_bits − 1, scaled back to 0..255. Undoes ``preprocess`` up to its noise (a value
     that float32 rounding put exactly on the upper edge of its bin reads as the next level).
     """
-    _check_n_bits(n_bits)
+    check_n_bits(n_bits)
     x = to_numpy(x).astype(np.float64)           # CuPy samples come back to the host
     levels = np.clip(np.floor((x + 0.5) * 2 ** n_bits), 0, 2 ** n_bits - 1)
     return (levels * 2 ** (8 - n_bits)).astype(np.uint8)

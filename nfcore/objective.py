@@ -11,10 +11,15 @@ import math
 import numpy as np
 
 
-def bits_per_dim(log_prob_z, logdet, n_dims, n_bits):
-    """Per-sample bits/dim from per-sample ``log_prob_z`` and ``logdet`` (natural logs)."""
+def check_n_bits(n_bits):
+    """Raise ValueError unless ``n_bits`` is an integer from 1 to 8 (bits kept per pixel)."""
     if not isinstance(n_bits, (int, np.integer)) or not 1 <= n_bits <= 8:
         raise ValueError(f"n_bits must be an integer from 1 to 8, got {n_bits!r}")
+
+
+def bits_per_dim(log_prob_z, logdet, n_dims, n_bits):
+    """Per-sample bits/dim from per-sample ``log_prob_z`` and ``logdet`` (natural logs)."""
+    check_n_bits(n_bits)
     if not isinstance(n_dims, (int, np.integer)) or n_dims < 1:
         raise ValueError(f"n_dims must be a positive integer (C·H·W), got {n_dims!r}")
     nats = -log_prob_z - logdet + n_dims * n_bits * math.log(2.0)

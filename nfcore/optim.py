@@ -50,9 +50,17 @@ class Adam:
         self.lr, self.betas, self.eps = lr, tuple(betas), eps
         self.warmup_steps, self.max_grad_norm, self.ema_decay = warmup_steps, max_grad_norm, ema_decay
         self.step_count = 0
-        self.m = {key: get_array_module(p).zeros_like(p) for key, p in self._named_params()}
-        self.v = {key: get_array_module(p).zeros_like(p) for key, p in self._named_params()}
+        self.m, self.v = {}, {}
+        self._make_moments()
         self.ema = None  # name → array, from the first step on (when ema_decay is set)
+
+    def _make_moments(self):
+        """Zero first and second moments for every parameter that has none yet: a layer that
+        builds its parameters on first use (``InvConv(k=3)``) gets them at the first step."""
+        for key, param in self._named_params():
+            if key not in self.m:
+                self.m[key] = get_array_module(param).zeros_like(param)
+                self.v[key] = get_array_module(param).zeros_like(param)
 
     def _named_params(self):
         """(key, array) for every parameter; key = "<layer index>/<param name>"."""
@@ -93,6 +101,7 @@ class Adam:
         if not math.isfinite(norm):
             raise FloatingPointError(f"gradient norm is {norm} at step {self.step_count + 1}: "
                                      f"no update made")
+        self._make_moments()
         clip = 1.0
         if self.max_grad_norm is not None and norm > self.max_grad_norm:
             clip = self.max_grad_norm / norm
@@ -118,9 +127,11 @@ class Adam:
         if self.ema_decay is None:
             return
         if self.ema is None:
-            self.ema = {key: param.copy() for key, param in self._named_params()}
-            return
+            self.ema = {}
         for key, param in self._named_params():
+            if key not in self.ema:                  # the first step, or a parameter just built
+                self.ema[key] = param.copy()
+                continue
             average = self.ema[key]
             average *= self.ema_decay
             average += (1.0 - self.ema_decay) * param
@@ -191,6 +202,7 @@ class Adam:
                     raise ValueError(f"optimizer state {name!r} has shape "
                                      f"{tuple(state[name].shape)}, expected {tuple(param.shape)}")
         self.step_count = int(state["step"])
+        self._make_moments()
         for key, param in self._named_params():
             xp = get_array_module(param)
             self.m[key][...] = xp.asarray(state[f"m/{key}"])

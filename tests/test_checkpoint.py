@@ -1,11 +1,15 @@
-"""Checkpoints: round trip, RNG stream, corrupt and foreign files, atomic writes."""
+"""Checkpoints: round trip, RNG stream, corrupt and foreign files, atomic writes, a file system
+that says no."""
+import errno
 import os
+import tempfile
 
 import h5py
 import numpy as np
 import pytest
 
-from train.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from train.checkpoint import (FORMAT_VERSION, CheckpointWriteError, load_checkpoint,
+                              remove_stale_temporaries, save_checkpoint)
 
 
 def sample_arrays():
@@ -114,3 +118,49 @@ def test_crash_during_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
     arrays, meta = load_checkpoint(path)
     np.testing.assert_array_equal(arrays["w"], np.arange(4.0))
     assert meta == {"step": 1}
+
+
+def refusing(code):
+    """A stand-in for os.fsync that fails with ``code`` (a full disk reports ENOSPC there)."""
+    def fsync(handle):
+        raise OSError(code, os.strerror(code))
+    return fsync
+
+
+@pytest.mark.parametrize("code, reason", [(errno.ENOSPC, "no space left on the device"),
+                                          (errno.EROFS, "the file system is read-only"),
+                                          (errno.EACCES, "permission denied")])
+def test_a_file_system_that_says_no_keeps_the_previous_checkpoint(tmp_path, monkeypatch, code, reason):
+    path = tmp_path / "c.h5"
+    save_checkpoint(path, {"w": np.arange(4.0)}, {"step": 1})
+    monkeypatch.setattr(os, "fsync", refusing(code))           # the bytes fail to reach the disk
+    with pytest.raises(CheckpointWriteError) as failure:
+        save_checkpoint(path, {"w": np.zeros(4)}, {"step": 2})
+    assert str(failure.value) == f"cannot save the checkpoint {path}: {reason}; the previous " \
+                                 f"checkpoint is kept"
+    assert failure.value.errno == code
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["c.h5"]                     # the temporary file is gone
+    arrays, meta = load_checkpoint(path)
+    np.testing.assert_array_equal(arrays["w"], np.arange(4.0))
+    assert meta == {"step": 1}
+
+
+def test_a_folder_that_refuses_new_files_gives_one_line(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(CheckpointWriteError, match="read-only; no earlier checkpoint exists"):
+        save_checkpoint(tmp_path / "c.h5", {"w": np.zeros(2)}, {})
+    assert os.listdir(tmp_path) == []
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
+    path = tmp_path / "c.h5"
+    save_checkpoint(path, {"w": np.zeros(2)}, {})
+    for name in (".c.h5.abc123.tmp", ".c.h5.zz.tmp", ".other.h5.abc.tmp", "notes.tmp"):
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_stale_temporaries(path)
+    assert sorted(os.path.basename(p) for p in removed) == [".c.h5.abc123.tmp", ".c.h5.zz.tmp"]
+    assert sorted(os.listdir(tmp_path)) == [".other.h5.abc.tmp", "c.h5", "notes.tmp"]

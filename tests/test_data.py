@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import (bits_per_dim, iterate_minibatches, iterate_test_batches, load_dataset,
-                  postprocess, preprocess)
+from data import (Batches, bits_per_dim, iterate_test_batches, load_dataset, postprocess,
+                  preprocess)
 from data import download
 
 
@@ -312,25 +312,21 @@ def test_bits_per_dim_by_hand():
 
 # ---------------------------------------------------------------------------------- batches
 
-def test_minibatches_shuffle_deterministically_and_drop_last():
-    x = np.arange(10)
-    batches = list(iterate_minibatches(x, 3, np.random.default_rng(7)))
-    assert [len(b) for b in batches] == [3, 3, 3]
-    np.testing.assert_array_equal(np.concatenate(batches),
-                                  np.random.default_rng(7).permutation(10)[:9])
-    again = list(iterate_minibatches(x, 3, np.random.default_rng(7)))
-    np.testing.assert_array_equal(np.concatenate(batches), np.concatenate(again))
-    every = list(iterate_minibatches(x, 3, np.random.default_rng(7), drop_last=False))
-    assert [len(b) for b in every] == [3, 3, 3, 1]
-    assert sorted(np.concatenate(every).tolist()) == list(range(10))
-
-
-def test_minibatches_draw_the_permutation_at_call_time():
-    rng = np.random.default_rng(8)
-    state = rng.bit_generator.state
-    batches = iterate_minibatches(np.arange(10), 5, rng)
-    assert rng.bit_generator.state != state       # drawn before the first batch is asked for
-    del batches
+def test_training_batches_are_a_function_of_seed_and_step():
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1) * 16
+    batches = Batches(images, 3, n_bits=4, seed=7)
+    assert batches.steps_per_epoch == 3                   # the short last batch is left out
+    epoch0 = [batches(step) for step in range(3)]
+    levels = np.concatenate([np.floor((x + 0.5) * 16).ravel() for x in epoch0])
+    np.testing.assert_array_equal(levels, np.random.default_rng([7, 0, 0]).permutation(10)[:9])
+    again = Batches(images, 3, n_bits=4, seed=7)          # a fresh object, steps out of order
+    np.testing.assert_array_equal(again(4), batches(4))
+    np.testing.assert_array_equal(again(1), epoch0[1])
+    assert not np.array_equal(Batches(images, 3, 4, seed=8)(1), epoch0[1])
+    with pytest.raises(ValueError, match="fewer than --batch-size 11"):
+        Batches(images, 11, 4, 0)
+    with pytest.raises(ValueError, match="batch_size"):
+        Batches(images, 0, 4, 0)
 
 
 def test_test_batches_cover_the_set_in_order():

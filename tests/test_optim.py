@@ -214,3 +214,28 @@ def test_float32_parameters_stay_float32():
     assert all(m.dtype == np.float32 for m in opt.m.values())
     expected = reference_adam(theta0, [g], 0.01, 0.9, 0.999, 1e-8)
     np.testing.assert_allclose(flatten(layers), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_layers_whose_parameters_are_built_on_first_use():
+    """Adam([InvConv(k=3)]) before the layer has weights: its moments are made at the first
+    step. Adam's first step moves every entry with a nonzero gradient by lr (bias-corrected
+    m/sqrt(v) = sign(g)), and state_dict / load_state_dict carry them."""
+    import nfcore
+    conv = nfcore.InvConv(k=3)
+    optimizer = Adam([conv], lr=0.01, eps=1e-12, ema_decay=0.5)
+    assert conv.params == {}
+    x = np.random.default_rng(0).standard_normal((2, 4, 5, 5))
+    y, logdet = conv.forward(x)
+    optimizer.zero_grad()
+    conv.backward(np.ones_like(y), np.ones_like(logdet))
+    before = conv.params["weight"].copy()
+    grad = conv.grads["weight"].copy()
+    optimizer.step()
+    moved = before - conv.params["weight"]
+    np.testing.assert_allclose(moved[grad != 0], 0.01 * np.sign(grad[grad != 0]), rtol=1e-6)
+    np.testing.assert_array_equal(moved[grad == 0], 0.0)
+    state = optimizer.state_dict()
+    assert {"m/0/weight", "v/0/weight", "ema/0/weight"} <= set(state)
+    again = Adam([conv], lr=0.01, ema_decay=0.5)
+    again.load_state_dict(state)
+    np.testing.assert_array_equal(again.m["0/weight"], optimizer.m["0/weight"])

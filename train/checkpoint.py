@@ -3,19 +3,30 @@
 File layout (HDF5, via h5py)::
 
     /                       attributes: format = "nfcore-checkpoint", format_version = 1,
-                                        meta = JSON text (config, dataset, step, epoch,
-                                        RNG state, ActNorm flags, ...)
-    /layers/3/weight        one dataset per array; "/" in a name makes HDF5 groups
+                                        meta = JSON text (train.run: the run's config, step,
+                                        optimizer_step)
+    /model/3/weight         one dataset per array; "/" in a name makes HDF5 groups
+    /state/2/initialized    (train.run's names: model/, state/, optim/m/, optim/v/, optim/ema/)
     /optim/m/3/weight       ...
 
-Writing goes to a temporary file in the destination folder, which is flushed to disk and then
-renamed over the destination with ``os.replace`` (atomic on POSIX and Windows): a crash at any
-moment leaves either the previous checkpoint or the new one, never half a file.
+Writing never lets HDF5 touch the disk: the whole file is built in memory (h5py on an
+``io.BytesIO``), so a failing write cannot crash the HDF5 library half-way. Its bytes go to a
+temporary file in the destination folder with ordinary file I/O, are flushed to disk (fsync),
+renamed over the destination with ``os.replace`` (atomic on POSIX and Windows), and the folder
+is fsynced so that the rename itself is durable. A crash at any moment leaves either the
+previous checkpoint or the new one, never half a file. When the file system says no (full,
+read-only, no permission) ``save_checkpoint`` removes its temporary file and raises
+``CheckpointWriteError`` (an OSError) with one line naming the file and the reason; the previous
+checkpoint is untouched. A temporary file left by a killed process is removed by
+``remove_stale_temporaries``, which train.run calls on start-up.
 
 A NumPy RNG is saved through ``rng.bit_generator.state`` (a dict of ints, JSON-safe) and
 restored with ``rng.bit_generator.state = meta[...]``: the restored generator continues the
 exact same random stream.
 """
+import errno
+import glob
+import io
 import json
 import os
 import tempfile
@@ -64,24 +75,87 @@ def save_checkpoint(path, arrays, meta):
                             f"arrays can be stored")
     meta_json = json.dumps(meta, default=_json_default)
 
+    image = hdf5_image(host_arrays, meta_json)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                         dir=folder)
-    os.close(handle)
     try:
-        with h5py.File(temporary, "w") as file:
-            file.attrs["format"] = FORMAT
-            file.attrs["format_version"] = FORMAT_VERSION
-            file.attrs["meta"] = meta_json
-            for name, array in host_arrays.items():
-                file.create_dataset(name, data=array)
-        with open(temporary, "rb+") as written:      # force the bytes onto the disk
-            os.fsync(written.fileno())
+        os.makedirs(folder, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
+                                             suffix=TEMPORARY_SUFFIX, dir=folder)
+    except OSError as error:
+        raise CheckpointWriteError(path, error) from error
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(image)
+            file.flush()
+            os.fsync(file.fileno())             # the bytes are on the disk before the rename
         os.replace(temporary, path)
+        _fsync_folder(folder)                   # and so is the rename
+    except OSError as error:
+        raise CheckpointWriteError(path, error) from error
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+TEMPORARY_SUFFIX = ".tmp"
+REASONS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+           errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file"}
+
+
+class CheckpointWriteError(OSError):
+    """The file system refused a checkpoint; the previous one (if any) is kept."""
+
+    def __init__(self, path, error):
+        reason = REASONS.get(error.errno, error.strerror or str(error))
+        previous = ("the previous checkpoint is kept" if os.path.isfile(path)
+                    else "no earlier checkpoint exists")
+        super().__init__(error.errno, f"cannot save the checkpoint {path}: {reason}; {previous}")
+
+    def __str__(self):
+        return self.strerror
+
+
+def hdf5_image(arrays, meta_json):
+    """The bytes of the checkpoint file holding ``arrays`` (name → NumPy array) and the meta
+    JSON text, built in memory."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as file:
+        file.attrs["format"] = FORMAT
+        file.attrs["format_version"] = FORMAT_VERSION
+        file.attrs["meta"] = meta_json
+        for name, array in arrays.items():
+            file.create_dataset(name, data=array)
+    return buffer.getvalue()
+
+
+def _fsync_folder(folder):
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass          # some file systems refuse fsync on folders; the rename itself is done
+    finally:
+        os.close(handle)
+
+
+def remove_stale_temporaries(path):
+    """Remove temporary files that a killed ``save_checkpoint(path, ...)`` left behind.
+    Returns the removed paths. Call it only while no other process saves to ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    pattern = os.path.join(glob.escape(folder), f".{glob.escape(os.path.basename(path))}.*{TEMPORARY_SUFFIX}")
+    removed = []
+    for stale in glob.glob(pattern):
+        try:
+            os.remove(stale)
+            removed.append(stale)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def load_checkpoint(path):

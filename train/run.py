@@ -8,8 +8,16 @@
 Every run writes to --out: config.json, metrics.jsonl (one JSON line per log), bpd.png (train
 and test bits/dim), samples_step<N>_t<T>.png (temperatures 0.7 and 1.0), checkpoint.h5
 (written atomically: a crash leaves the previous one), final.json (test bits/dim over the whole
-test set). A step whose loss or gradients are NaN/Inf is skipped and logged; too many in a row
-stop the run with the last good checkpoint kept.
+test set, with the weights train.evaluate and train.sample use by default: the EMA under --ema).
+A step whose loss or gradients are NaN/Inf is skipped and logged; too many in a row stop the
+run, keeping the last checkpoint.
+
+--resume continues exactly where the checkpoint stopped. It refuses a change to the model
+(--levels --steps --hidden --invconv --coupling --k --seed) or the data (--dataset --n-bits
+--batch-size --image-size), naming the option. The training options (--lr --warmup
+--max-grad-norm --ema --recompute/--no-recompute --epochs --max-steps --eval-every
+--sample-every) may change: the new values apply from the resumed step on, are printed, logged
+in metrics.jsonl and recorded in config.json.
 """
 import argparse
 import json
@@ -22,19 +30,23 @@ import numpy as np
 from tqdm import tqdm
 
 import nfcore
-from data import DATASETS, load_dataset, preprocess
-from nfcore.backend import to_device
+from data import DATASETS, Batches, load_dataset
+from nfcore.backend import get_array_module, to_device
 from nfcore.flow import COUPLINGS, STEP_KINDS
 from nfcore.layers import NonFiniteError
 from nfcore.optim import Adam
 
+from .checkpoint import remove_stale_temporaries
+from .cli import (BLAS_THREADS_HELP, ArgumentParser, at_least, in_range, limit_blas_threads,
+                  positive_float, positive_int, run_command)
 from .images import save_curve
-from .session import (BLAS_THREADS_HELP, MODEL_KEYS, limit_blas_threads, build_flow, load_flow, optimizer_state, save_samples,
-                      save_training_checkpoint, evaluate_bits_per_dim)
+from .session import (MODEL_KEYS, build_flow, evaluate_bits_per_dim, load_flow, optimizer_state,
+                      save_samples, save_training_checkpoint)
 
 # Per-dataset defaults. cifar10 / imagenet: the published architecture (L=3 levels, K=32 steps,
 # coupling width 512, Adam lr 1e-3 with warm-up, 8 bits). digits: small and fast, so that the
-# main job runs on a 2-core CPU in minutes; its 17 grey levels fit in 4 bits.
+# main job runs on a 2-core CPU in minutes; its 17 grey levels (0..16) are kept to 16 (4 bits):
+# 16 maps to the top level, as 15 does.
 PAPER = dict(levels=3, steps=32, hidden=512, n_bits=8, batch_size=64, lr=1e-3, warmup=2000,
              epochs=100, eval_every=2000, sample_every=2000)
 DEFAULTS = {
@@ -45,14 +57,23 @@ DEFAULTS = {
     "imagenet64": dict(PAPER, levels=4),
     "celeba": dict(PAPER, levels=4, n_bits=5), "folder": dict(PAPER, levels=4, n_bits=5),
 }
-FIXED_DEFAULTS = dict(dataset="digits", invconv="finc", coupling="affine", k=3, seed=0)
+FIXED_DEFAULTS = dict(dataset="digits", invconv="finc", coupling="affine", k=3, seed=0,
+                      max_grad_norm=50.0, recompute=False)
+DATASET_KEYS = ("levels", "steps", "hidden", "n_bits", "batch_size", "lr", "warmup", "epochs",
+                "eval_every", "sample_every")
+# --resume: what a checkpoint fixes, and what may change from the resumed step on.
+RESUME_REFUSED = MODEL_KEYS + ("dataset", "n_bits", "batch_size", "image_size")
+RESUME_APPLIED = ("lr", "warmup", "max_grad_norm", "ema", "recompute", "epochs", "max_steps",
+                  "eval_every", "sample_every")
 MAX_BAD_STEPS = 20   # this many non-finite steps in a row stop the run
+TEMPERATURES = (0.7, 1.0)
 
 
+# ---- the command line ------------------------------------------------------------------------
 def parse_args(argv=None):
     defaults = "\n".join(f"  {name:<11}" + " ".join(f"{key}={value}" for key, value in values.items())
                          for name, values in DEFAULTS.items())
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m train.run", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1] + "\nDefaults per data set (options override them):\n"
         + defaults, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,38 +82,52 @@ def parse_args(argv=None):
         help="data set (default: digits, bundled with scikit-learn, needs no files)")
     add("--data-dir", help="folder holding the data set's files (default ~/.cache/nfcore/<name>)")
     add("--download", action="store_true", help="fetch cifar10 / mnist when missing (checksummed)")
-    add("--image-size", type=int, help="celeba / folder: resize images to this size (default 64)")
-    model = parser.add_argument_group("model (defaults depend on --dataset)")
-    model.add_argument("--levels", type=int, help="L: levels of the multi-scale flow")
-    model.add_argument("--steps", type=int, help="K: flow steps per level")
-    model.add_argument("--hidden", type=int, help="width of the coupling networks")
+    add("--image-size", type=positive_int,
+        help="celeba / folder: resize images to this size (default 64)")
+    model = parser.add_argument_group("model (defaults depend on --dataset; fixed on --resume)")
+    model.add_argument("--levels", type=positive_int, help="L >= 1: levels of the multi-scale flow")
+    model.add_argument("--steps", type=positive_int, help="K >= 1: flow steps per level")
+    model.add_argument("--hidden", type=positive_int, help="width of the coupling networks (>= 1)")
     model.add_argument("--invconv", choices=STEP_KINDS,
                        help="flow step: finc (FInC unit + 1x1), cinc (CInC 3x3), emerging "
                             "(1x1 + Emerging conv), glow1x1 (1x1 only). Default finc")
     model.add_argument("--coupling", choices=COUPLINGS, help="default affine")
-    model.add_argument("--k", type=int, help="kernel size of the k×k convolutions (default 3)")
-    model.add_argument("--n-bits", type=int, help="bits per pixel the images are reduced to")
-    opt = parser.add_argument_group("training (defaults depend on --dataset)")
-    opt.add_argument("--batch-size", type=int)
-    opt.add_argument("--lr", type=float, help="Adam learning rate")
-    opt.add_argument("--warmup", type=int, help="linear learning-rate warm-up, in steps")
-    opt.add_argument("--max-grad-norm", type=float, default=50.0, help="global-norm clipping")
-    opt.add_argument("--ema", type=float, default=None, help="EMA decay of the weights used "
-                                                             "for evaluation (e.g. 0.999)")
-    opt.add_argument("--recompute", action="store_true",
-                     help="memory-saving mode: backward rebuilds each layer's input with its "
-                          "inverse instead of keeping every activation")
-    opt.add_argument("--epochs", type=int, help="passes over the training set")
-    opt.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
-    opt.add_argument("--time-budget", type=float, help="stop training after this many seconds")
-    opt.add_argument("--eval-every", type=int, help="test bits/dim and a checkpoint every N steps")
-    opt.add_argument("--sample-every", type=int, help="sample grids every N steps")
+    model.add_argument("--k", type=positive_int,
+                       help="kernel size of the k×k convolutions, >= 1 (default 3)")
+    model.add_argument("--n-bits", type=in_range(1, 8, int),
+                       help="bits per pixel the images are reduced to, 1 to 8")
+    opt = parser.add_argument_group(
+        "training (defaults depend on --dataset; --batch-size is fixed on --resume, the others "
+        "may change there and apply from the resumed step on)")
+    opt.add_argument("--batch-size", type=positive_int, help="images per step (>= 1)")
+    opt.add_argument("--lr", type=positive_float, help="Adam learning rate (> 0)")
+    opt.add_argument("--warmup", type=at_least(0),
+                     help="linear learning-rate warm-up, in steps (>= 0)")
+    opt.add_argument("--max-grad-norm", type=positive_float,
+                     help="global-norm gradient clipping (> 0; default 50)")
+    opt.add_argument("--ema", type=in_range(0.0, 1.0, high_open=True),
+                     help="keep an exponential moving average of the weights with this decay, "
+                          "in [0, 1) (e.g. 0.999); evaluation, samples, final.json, "
+                          "train.evaluate and train.sample then use it")
+    opt.add_argument("--recompute", action=argparse.BooleanOptionalAction,
+                     help="memory-saving mode: every layer drops its activations after the "
+                          "forward pass and backward rebuilds each layer's input with its "
+                          "inverse (default off)")
+    opt.add_argument("--epochs", type=positive_int, help="passes over the training set (>= 1)")
+    opt.add_argument("--max-steps", type=positive_int,
+                     help="stop after this many steps in all, >= 1 (overrides --epochs)")
+    opt.add_argument("--time-budget", type=positive_float,
+                     help="stop training after this many seconds (> 0)")
+    opt.add_argument("--eval-every", type=positive_int,
+                     help="test bits/dim and a checkpoint every N steps (>= 1)")
+    opt.add_argument("--sample-every", type=positive_int, help="sample grids every N steps (>= 1)")
     add("--out", default="runs/latest", help="output folder (default runs/latest)")
     add("--resume", nargs="?", const="auto", metavar="CKPT",
-        help="continue from CKPT (default: <out>/checkpoint.h5)")
-    add("--seed", type=int, help="seed of weights, data order and noise (default 0)")
+        help="continue from CKPT (default: <out>/checkpoint.h5); see above for which options "
+             "may change")
+    add("--seed", type=at_least(0), help="seed of weights, data order and noise, >= 0 (default 0)")
     add("--backend", default="cpu", choices=("cpu", "gpu"), help="cpu (NumPy + Numba) or gpu (CuPy)")
-    add("--blas-threads", type=int, default=None, help=BLAS_THREADS_HELP)
+    add("--blas-threads", type=positive_int, default=None, help=BLAS_THREADS_HELP)
     args = parser.parse_args(argv)
     args.given = {key for key, value in vars(args).items() if value is not None}
     for key, value in FIXED_DEFAULTS.items():
@@ -104,8 +139,7 @@ def parse_args(argv=None):
 def make_config(args, image_shape):
     """The run's full config: the command line, filled with the data set's defaults."""
     config = dict(DEFAULTS[args.dataset])
-    for key in ("levels", "steps", "hidden", "n_bits", "batch_size", "lr", "warmup", "epochs",
-                "eval_every", "sample_every"):
+    for key in DATASET_KEYS:
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     config.update(dataset=args.dataset, image_shape=list(image_shape), invconv=args.invconv,
@@ -115,204 +149,269 @@ def make_config(args, image_shape):
     return config
 
 
-def check_resume_matches(args, config):
-    """Refuse to resume with a model or data setting that differs from the checkpoint's."""
-    for key in MODEL_KEYS + ("n_bits", "batch_size", "dataset"):
-        if key in args.given and getattr(args, key) != config[key]:
-            raise SystemExit(f"error: the checkpoint was trained with --{key.replace('_', '-')} "
-                             f"{config[key]}, not {getattr(args, key)}; drop the option to resume")
+def resume_config(args, config):
+    """The config to continue with, and {key: (old, new)} for the training options changed.
+    Raises ValueError for a changed model or data option (RESUME_REFUSED)."""
+    for key in RESUME_REFUSED:
+        if key in args.given and getattr(args, key) != config.get(key):
+            raise ValueError(f"--resume: the checkpoint was trained with --{key.replace('_', '-')} "
+                             f"{config.get(key)}, not {getattr(args, key)}; the model and data "
+                             f"cannot change on resume (drop the option, or start a new run "
+                             f"in another --out)")
+    config = dict(config)
+    changes = {}
+    for key in RESUME_APPLIED:
+        if key in args.given and getattr(args, key) != config.get(key):
+            changes[key] = (config.get(key), getattr(args, key))
+            config[key] = getattr(args, key)
+    return config, changes
 
 
-class Batches:
-    """The training batch of any global step, as a pure function of (seed, step), so that a
-    resumed run sees exactly the batches and noise an uninterrupted one would."""
-
-    def __init__(self, images, batch_size, n_bits, seed):
-        if len(images) < batch_size:
-            raise SystemExit(f"error: the training set has {len(images)} images, fewer than "
-                             f"--batch-size {batch_size}")
-        self.images, self.batch_size, self.n_bits, self.seed = images, batch_size, n_bits, seed
-        self.steps_per_epoch = len(images) // batch_size
-        self._epoch, self._order = None, None
-
-    def __call__(self, step):
-        epoch, index = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = np.random.default_rng([self.seed, 0, epoch]).permutation(len(self.images))
-        chosen = self._order[index * self.batch_size:(index + 1) * self.batch_size]
-        noise = np.random.default_rng([self.seed, 1, step])
-        return to_device(preprocess(self.images[chosen], self.n_bits, noise))
+def prepare_out(out):
+    """Create the output folder, or say in one line why it cannot be."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except NotADirectoryError:
+        raise ValueError(f"--out {out}: a part of the path is a file, not a folder") from None
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot create the folder ({error.strerror})") from None
 
 
-def read_history(path, until_step):
-    """The metrics already logged by a resumed run, up to its checkpoint's step."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as file:
-        records = [json.loads(line) for line in file if line.strip()]
-    return [r for r in records if r.get("step", 0) <= until_step]
+# ---- metrics.jsonl ---------------------------------------------------------------------------
+class Metrics:
+    """The run's log: one JSON record per line in ``path``, also kept in ``records``."""
 
+    def __init__(self, path):
+        self.path, self.records = path, []
 
-def write_history(path, records):
-    with open(path + ".tmp", "w") as file:
-        for record in records:
+    def restart(self, until_step):
+        """Keep the records of a resumed run up to its checkpoint's step and rewrite the file.
+        A torn last line (a crash mid-write) is dropped with a note; a bad line elsewhere is an
+        error naming the file and the line."""
+        records = []
+        if os.path.exists(self.path):
+            with open(self.path) as file:
+                lines = [line for line in file.read().split("\n") if line.strip()]
+            for number, line in enumerate(lines, 1):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    if number < len(lines):
+                        raise ValueError(f"{self.path}, line {number}: not a JSON record "
+                                         f"({error})") from None
+                    print(f"note: {self.path}: dropped its torn last line (a crash while it "
+                          f"was written)", file=sys.stderr)
+        self.records = [r for r in records if r.get("step", 0) <= until_step]
+        with open(self.path + ".tmp", "w") as file:
+            for record in self.records:
+                file.write(json.dumps(record) + "\n")
+        os.replace(self.path + ".tmp", self.path)
+
+    def log(self, record):
+        self.records.append(record)
+        with open(self.path, "a") as file:
             file.write(json.dumps(record) + "\n")
-    os.replace(path + ".tmp", path)
+
+    def series(self, key):
+        return [(r["step"], r[key]) for r in self.records if key in r]
+
+
+# ---- one training run ------------------------------------------------------------------------
+class Run:
+    """A run's model, optimizer, data and outputs, and what it does at its milestones."""
+
+    def __init__(self, args):
+        self.out = args.out
+        self.checkpoint_path = os.path.join(args.out, "checkpoint.h5")
+        resume_path = None
+        if args.resume is not None:
+            resume_path = self.checkpoint_path if args.resume == "auto" else args.resume
+            if not os.path.exists(resume_path):
+                raise ValueError(f"--resume: no checkpoint at {resume_path}")
+        self.resumed = resume_path is not None
+        changes = {}
+        if self.resumed:
+            self.flow, meta, arrays = load_flow(resume_path, weights="raw")
+            self.config, changes = resume_config(args, meta["config"])
+            self.step = meta["step"]
+        else:
+            self.config, self.step = None, 0
+        config = self.config
+        dataset = config["dataset"] if self.resumed else args.dataset
+        image_size = config["image_size"] if self.resumed else args.image_size
+        train_images, self.test_images = load_dataset(dataset, args.data_dir, args.download,
+                                                      image_size)
+        if not self.resumed:
+            config = self.config = make_config(args, train_images.shape[1:])
+            self.flow = build_flow(config)
+        prepare_out(args.out)
+        removed = remove_stale_temporaries(self.checkpoint_path)
+        if removed:
+            print(f"note: removed {len(removed)} temporary file(s) a killed save left in {args.out}",
+                  file=sys.stderr)
+        with open(os.path.join(args.out, "config.json"), "w") as file:
+            json.dump(config, file, indent=2)
+
+        self.batches = Batches(train_images, config["batch_size"], config["n_bits"], config["seed"])
+        self.max_steps = config["max_steps"] or config["epochs"] * self.batches.steps_per_epoch
+        if not self.resumed:      # data-dependent initialization (ActNorm) on the first batch
+            self.flow.forward(to_device(self.batches(0)))
+        self.optimizer = Adam(self.flow.layers, lr=config["lr"], warmup_steps=config["warmup"],
+                              max_grad_norm=config["max_grad_norm"], ema_decay=config["ema"])
+        if self.resumed:
+            self.optimizer.load_state_dict(optimizer_state(arrays, meta))
+        self.metrics = Metrics(os.path.join(args.out, "metrics.jsonl"))
+        self.metrics.restart(self.step if self.resumed else -1)
+        if changes:
+            self.metrics.log({"step": self.step, "resumed_with": {k: new for k, (_, new) in changes.items()}})
+            print("resumed with changed training options: " + ", ".join(
+                f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items()))
+        self.started = time.time()
+
+    def describe(self):
+        c = self.config
+        return (f"nfcore: {c['dataset']} {tuple(c['image_shape'])}, {c['invconv']} + "
+                f"{c['coupling']} coupling, L={c['levels']} K={c['steps']} hidden={c['hidden']}, "
+                f"{self.flow.n_params():,} parameters, {self.max_steps} steps, out: {self.out}"
+                + (f" (resumed at step {self.step})" if self.resumed else ""))
+
+    def train_step(self, x):
+        """One optimizer step on batch x: (mean bits/dim, gradient norm). Raises NonFiniteError
+        naming the cause, bad data or a diverged model, and then changes no parameter."""
+        self.optimizer.zero_grad()
+        if not get_array_module(x).isfinite(x).all():
+            raise NonFiniteError("the training batch holds NaN/Inf (bad input data)")
+        try:                                 # the batch is finite: a NaN/Inf is divergence
+            with np.errstate(over="ignore", invalid="ignore"):      # reported here instead
+                loss, _ = self.flow.loss_and_backward(x, self.config["n_bits"],
+                                                      recompute=self.config.get("recompute", False))
+                if not math.isfinite(loss):
+                    raise NonFiniteError(f"the loss is {loss}")
+                return loss, self.optimizer.step()
+        except (NonFiniteError, FloatingPointError) as error:
+            raise NonFiniteError(f"the model diverged, NaN/Inf in the flow: {error}") from None
+
+    def checkpoint(self):
+        save_training_checkpoint(self.checkpoint_path, self.flow, self.optimizer,
+                                 {"config": self.config, "step": self.step})
+
+    def evaluate(self):
+        """Test bits/dim over the whole test set, with the EMA weights when the run keeps them."""
+        with self.optimizer.ema_parameters():
+            return evaluate_bits_per_dim(self.flow, self.test_images, self.config["n_bits"],
+                                         self.config["batch_size"], self.config["seed"])
+
+    def samples(self, say):
+        """Sample grids at each of TEMPERATURES; a draw that overflows is logged, not fatal."""
+        seed = self.config["seed"]
+        with self.optimizer.ema_parameters():
+            for temperature in TEMPERATURES:
+                path = os.path.join(self.out, f"samples_step{self.step}_t{temperature}.png")
+                try:
+                    save_samples(self.flow, path, 64, temperature, self.config["n_bits"],
+                                 seed=[seed, 4, self.step])
+                except NonFiniteError as error:
+                    self.metrics.log({"step": self.step, "sampling_failed": str(error)})
+                    say(f"step {self.step}: {error}")
+
+    def curve(self):
+        save_curve({"train": self.metrics.series("train_bpd"),
+                    "test": self.metrics.series("test_bpd")}, os.path.join(self.out, "bpd.png"))
+
+    def stop_for_bad_steps(self, count):
+        kept = (f"The last good checkpoint is {self.checkpoint_path}"
+                if os.path.isfile(self.checkpoint_path) else "No checkpoint was written yet")
+        raise ValueError(f"{count} steps in a row had NaN/Inf loss or gradients (the last: "
+                         f"{self.metrics.records[-1]['skipped']}); stopping. {kept}. Try a lower "
+                         f"--lr or --max-grad-norm.")
+
+
+def train_loop(run, time_budget=None):
+    """Steps until run.max_steps (or the time budget): log every 10 steps, evaluate and
+    checkpoint every eval_every, sample every sample_every. Ctrl-C saves a checkpoint."""
+    config = run.config
+    bad_in_a_row, window = 0, []
+    progress = tqdm(total=run.max_steps, initial=run.step, desc="train", unit="step",
+                    dynamic_ncols=True, disable=None)
+    try:
+        while run.step < run.max_steps:
+            if time_budget and time.time() - run.started > time_budget:
+                progress.write(f"time budget of {time_budget:.0f} s reached at step {run.step}")
+                break
+            tick = time.time()
+            x = to_device(run.batches(run.step))
+            try:
+                loss, grad_norm = run.train_step(x)
+                bad_in_a_row = 0
+            except (NonFiniteError, FloatingPointError) as error:
+                bad_in_a_row += 1
+                run.metrics.log({"step": run.step, "skipped": str(error)})
+                progress.write(f"step {run.step}: skipped ({error})")
+                if bad_in_a_row >= MAX_BAD_STEPS:
+                    run.stop_for_bad_steps(bad_in_a_row)
+                run.step += 1
+                continue
+            run.step += 1
+            window.append((loss, len(x) / (time.time() - tick)))
+            progress.update(1)
+            progress.set_postfix(bpd=f"{loss:.3f}", img_s=f"{window[-1][1]:.0f}")
+            if run.step % 10 == 0 or run.step == run.max_steps:
+                losses, speeds = zip(*window)
+                run.metrics.log({"step": run.step, "epoch": run.step / run.batches.steps_per_epoch,
+                                 "train_bpd": float(np.mean(losses)),
+                                 "lr": run.optimizer.learning_rate(), "grad_norm": float(grad_norm),
+                                 "images_per_s": float(np.mean(speeds)),
+                                 "time_s": time.time() - run.started})
+                window = []
+            if run.step % config["eval_every"] == 0 and run.step < run.max_steps:
+                test_bpd = run.evaluate()
+                run.metrics.log({"step": run.step, "test_bpd": test_bpd})
+                progress.write(f"step {run.step}: test bpd {test_bpd:.4f}")
+                run.checkpoint()
+                run.curve()
+            if run.step % config["sample_every"] == 0:
+                run.samples(progress.write)
+    except KeyboardInterrupt:
+        progress.write(f"interrupted at step {run.step}: saving a checkpoint to resume from")
+        run.checkpoint()
+        raise SystemExit(130)
+    finally:
+        progress.close()
+
+
+def finish(run):
+    """The last checkpoint, samples, test bits/dim over the whole test set, final.json."""
+    run.checkpoint()
+    run.samples(print)
+    print(f"evaluating on the whole test set ({len(run.test_images)} images)...", flush=True)
+    test_bpd = run.evaluate()
+    run.metrics.log({"step": run.step, "test_bpd": test_bpd})
+    run.curve()
+    config = run.config
+    final = {"test_bpd": test_bpd, "steps": run.step, "train_time_s": time.time() - run.started,
+             "dataset": config["dataset"], "invconv": config["invconv"],
+             "coupling": config["coupling"], "n_params": run.flow.n_params(),
+             "weights": "ema" if run.optimizer.ema is not None else "raw"}
+    with open(os.path.join(run.out, "final.json"), "w") as file:
+        json.dump(final, file, indent=2)
+    print(f"test bits/dim: {test_bpd:.4f} ({config['dataset']}, {config['invconv']}, "
+          f"{run.step} steps, {final['train_time_s']:.0f} s); results in {run.out}")
+    return final
 
 
 def train(args):
     nfcore.set_backend(args.backend)
     limit_blas_threads(args.blas_threads)
-    checkpoint_path = os.path.join(args.out, "checkpoint.h5")
-    resume_path = None
-    if args.resume is not None:
-        resume_path = checkpoint_path if args.resume == "auto" else args.resume
-        if not os.path.exists(resume_path):
-            raise SystemExit(f"error: --resume: no checkpoint at {resume_path}")
-
-    if resume_path:
-        flow, meta, arrays = load_flow(resume_path)
-        config = meta["config"]
-        check_resume_matches(args, config)
-        for key in ("max_steps", "epochs", "eval_every", "sample_every"):   # may be extended
-            if getattr(args, key) is not None:
-                config[key] = getattr(args, key)
-        train_images, test_images = load_dataset(config["dataset"], args.data_dir, args.download,
-                                                 config["image_size"])
-        step = meta["step"]
-    else:
-        train_images, test_images = load_dataset(args.dataset, args.data_dir, args.download,
-                                                 args.image_size)
-        config = make_config(args, train_images.shape[1:])
-        flow = build_flow(config)
-        step = 0
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "config.json"), "w") as file:
-        json.dump(config, file, indent=2)
-
-    n_bits, seed = config["n_bits"], config["seed"]
-    batches = Batches(train_images, config["batch_size"], n_bits, seed)
-    max_steps = config["max_steps"] or config["epochs"] * batches.steps_per_epoch
-    if not resume_path:   # data-dependent initialization (ActNorm) on the first batch
-        flow.forward(batches(0))
-    optimizer = Adam(flow.layers, lr=config["lr"], warmup_steps=config["warmup"],
-                     max_grad_norm=config["max_grad_norm"], ema_decay=config["ema"])
-    if resume_path:
-        optimizer.load_state_dict(optimizer_state(arrays, meta))
-
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    history = read_history(metrics_path, step) if resume_path else []
-    write_history(metrics_path, history)
-    print(f"nfcore: {config['dataset']} {tuple(config['image_shape'])}, {config['invconv']} + "
-          f"{config['coupling']} coupling, L={config['levels']} K={config['steps']} "
-          f"hidden={config['hidden']}, {flow.n_params():,} parameters, {max_steps} steps, "
-          f"out: {args.out}" + (f" (resumed at step {step})" if resume_path else ""), flush=True)
-
-    def checkpoint():
-        save_training_checkpoint(checkpoint_path, flow, optimizer,
-                                 {"config": config, "step": step})
-
-    def log(record):
-        history.append(record)
-        with open(metrics_path, "a") as file:
-            file.write(json.dumps(record) + "\n")
-
-    def evaluate():
-        with optimizer.ema_parameters():
-            return evaluate_bits_per_dim(flow, test_images, n_bits, config["batch_size"], seed)
-
-    def samples():
-        with optimizer.ema_parameters():
-            for temperature in (0.7, 1.0):
-                try:
-                    save_samples(flow, os.path.join(args.out, f"samples_step{step}_t{temperature}.png"),
-                                 64, temperature, n_bits, seed=[seed, 4, step])
-                except NonFiniteError as error:      # a bad draw must not end the run
-                    log({"step": step, "sampling_failed": str(error)})
-                    progress.write(f"step {step}: {error}")
-
-    def curve():
-        save_curve({"train": [(r["step"], r["train_bpd"]) for r in history if "train_bpd" in r],
-                    "test": [(r["step"], r["test_bpd"]) for r in history if "test_bpd" in r]},
-                   os.path.join(args.out, "bpd.png"))
-
-    started, bad_in_a_row, window = time.time(), 0, []
-    progress = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                    disable=None)
-    try:
-        while step < max_steps:
-            if args.time_budget and time.time() - started > args.time_budget:
-                progress.write(f"time budget of {args.time_budget:.0f} s reached at step {step}")
-                break
-            tick = time.time()
-            x = batches(step)
-            optimizer.zero_grad()
-            try:
-                loss, _ = flow.loss_and_backward(x, n_bits, recompute=config.get("recompute", False))
-                if not math.isfinite(loss):
-                    raise NonFiniteError(f"loss is {loss}")
-                grad_norm = optimizer.step()
-                bad_in_a_row = 0
-            except (NonFiniteError, FloatingPointError) as error:
-                bad_in_a_row += 1
-                log({"step": step, "skipped": str(error)})
-                progress.write(f"step {step}: skipped ({error})")
-                if bad_in_a_row >= MAX_BAD_STEPS:
-                    raise SystemExit(f"error: {bad_in_a_row} steps in a row had NaN/Inf loss or "
-                                     f"gradients; stopping. The last good checkpoint is "
-                                     f"{checkpoint_path}. Try a lower --lr or --max-grad-norm.")
-                step += 1
-                continue
-            step += 1
-            window.append((loss, len(x) / (time.time() - tick)))
-            progress.update(1)
-            progress.set_postfix(bpd=f"{loss:.3f}", img_s=f"{window[-1][1]:.0f}")
-            if step % 10 == 0 or step == max_steps:
-                losses, speeds = zip(*window)
-                log({"step": step, "epoch": step / batches.steps_per_epoch,
-                     "train_bpd": float(np.mean(losses)), "lr": optimizer.learning_rate(),
-                     "grad_norm": float(grad_norm), "images_per_s": float(np.mean(speeds)),
-                     "time_s": time.time() - started})
-                window = []
-            if step % config["eval_every"] == 0 and step < max_steps:
-                test_bpd = evaluate()
-                log({"step": step, "test_bpd": test_bpd})
-                progress.write(f"step {step}: test bpd {test_bpd:.4f}")
-                checkpoint()
-                curve()
-            if step % config["sample_every"] == 0:
-                samples()
-    except KeyboardInterrupt:
-        progress.write(f"interrupted at step {step}: saving a checkpoint to resume from")
-        checkpoint()
-        raise SystemExit(130)
-    finally:
-        progress.close()
-
-    checkpoint()
-    samples()
-    print(f"evaluating on the whole test set ({len(test_images)} images)...", flush=True)
-    test_bpd = evaluate()
-    log({"step": step, "test_bpd": test_bpd})
-    curve()
-    final = {"test_bpd": test_bpd, "steps": step, "train_time_s": time.time() - started,
-             "dataset": config["dataset"], "invconv": config["invconv"],
-             "coupling": config["coupling"], "n_params": flow.n_params()}
-    with open(os.path.join(args.out, "final.json"), "w") as file:
-        json.dump(final, file, indent=2)
-    print(f"test bits/dim: {test_bpd:.4f} ({config['dataset']}, {config['invconv']}, "
-          f"{step} steps, {final['train_time_s']:.0f} s); results in {args.out}")
-    return final
+    run = Run(args)
+    print(run.describe(), flush=True)
+    train_loop(run, args.time_budget)
+    return finish(run)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return train(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1)
+    return run_command(train, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,31 +1,15 @@
-"""What train.run, train.sample and train.evaluate share: building a flow from its config,
-saving and loading a training checkpoint, test bits/dim over a whole set, sample grids."""
+"""A trained model as the three command lines see it: a Flow built from a run's config, saved
+and loaded with its optimizer state (the EMA weights or the raw ones), its test
+bits/dim over a whole set, and its sample grids."""
 import numpy as np
-import threadpoolctl
 
 from data import iterate_test_batches, postprocess, preprocess
 from nfcore.backend import default_array_module, to_device, to_numpy
 from nfcore.flow import Flow
+from nfcore.layers import NonFiniteError
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .images import save_image_grid
-
-BLAS_THREADS_HELP = (
-    "threads for BLAS (the coupling networks' matrix products); default: all cores. nfcore keeps "
-    "Numba's OpenMP workers, and these command lines OpenBLAS's, from spinning against the other "
-    "pool (nfcore/threads.py): on 2 cores a 3x32x32 step (L=3, K=4, width 64, B=64) takes "
-    "0.76-0.86 times as long with BLAS on 2 threads as on 1 (2.2-2.4 times while they spun)")
-
-
-def limit_blas_threads(n_threads):
-    """Let BLAS use at most ``n_threads`` threads from now on; None: leave it on all cores (or
-    what OPENBLAS_NUM_THREADS says). See BLAS_THREADS_HELP."""
-    if n_threads is None:
-        return
-    if n_threads < 1:
-        raise ValueError(f"--blas-threads must be at least 1, got {n_threads}")
-    threadpoolctl.threadpool_limits(n_threads, user_api="blas")
-
 
 MODEL_KEYS = ("levels", "steps", "hidden", "invconv", "coupling", "k", "seed")
 
@@ -51,20 +35,30 @@ def save_training_checkpoint(path, flow, optimizer, meta):
     save_checkpoint(path, arrays, meta)
 
 
-def load_flow(path):
+WEIGHTS_HELP = ("which weights to use: ema (default), the exponential moving average "
+                "train.run evaluates and samples with when the run kept one (--ema), else the "
+                "trained weights; raw: the trained weights themselves")
+
+
+def load_flow(path, weights="raw"):
     """(flow, meta, arrays) from a checkpoint written by ``save_training_checkpoint``.
 
+    weights: "raw", the trained parameters; "ema", their moving average when the run kept one
+    (what train.run reports its test bits/dim with), else the trained parameters.
     Raises ValueError naming the path when the file does not hold a flow this code can build,
     or when a parameter is missing or has the wrong shape.
     """
+    if weights not in ("raw", "ema"):
+        raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
     arrays, meta = load_checkpoint(path)
     if "config" not in meta:
         raise ValueError(f"{path}: not a training checkpoint (no config in its metadata)")
     flow = build_flow(meta["config"])
+    use_ema = weights == "ema" and any(key.startswith("optim/ema/") for key in arrays)
     xp = default_array_module()
     for index, layer in enumerate(flow.layers):
         for name, param in layer.params.items():
-            key = f"model/{index}/{name}"
+            key = f"{'optim/ema' if use_ema else 'model'}/{index}/{name}"
             if key not in arrays:
                 raise ValueError(f"{path}: parameter {key} is missing")
             if arrays[key].shape != tuple(param.shape):
@@ -74,6 +68,7 @@ def load_flow(path):
         prefix = f"state/{index}/"
         layer.load_state({key[len(prefix):]: (value.item() if value.ndim == 0 else value)
                           for key, value in arrays.items() if key.startswith(prefix)})
+    meta = dict(meta, weights="ema" if use_ema else "raw")
     return flow, meta, arrays
 
 
@@ -91,7 +86,12 @@ def evaluate_bits_per_dim(flow, images, n_bits, batch_size, seed, progress=None)
     total, count = 0.0, 0
     for batch in iterate_test_batches(images, batch_size):
         x = to_device(preprocess(batch, n_bits, rng))
-        total += float(to_numpy(flow.bits_per_dim(x, n_bits)).sum())
+        try:
+            total += float(to_numpy(flow.bits_per_dim(x, n_bits)).sum())
+        except NonFiniteError as error:      # the data are finite: the model has diverged
+            raise NonFiniteError(f"the model has diverged: its forward pass overflows to "
+                                 f"NaN/Inf on images {count} to {count + len(batch) - 1} "
+                                 f"({error})") from error
         count += len(batch)
         if progress is not None:
             progress.update(len(batch))

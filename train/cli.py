@@ -1,0 +1,99 @@
+"""What the three command lines (train.run, train.sample, train.evaluate) share: an argument
+parser whose every mistake is one line, option types that check their range where they are
+parsed, the BLAS thread limit, and the rule that every expected failure ends as one line
+``error: ...`` with exit status 1 (tracebacks are left to real bugs)."""
+import argparse
+import errno
+import os
+import sys
+
+import threadpoolctl
+
+BLAS_THREADS_HELP = (
+    "threads for BLAS (the coupling networks' matrix products); default: all cores. nfcore keeps "
+    "Numba's OpenMP workers, and these command lines OpenBLAS's, from spinning against the other "
+    "pool (nfcore/threads.py): on 2 cores a 3x32x32 step (L=3, K=4, width 64, B=64) takes "
+    "0.76-0.86 times as long with BLAS on 2 threads as on 1 (2.2-2.4 times while they spun)")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad command line reported as one line ``error: ...`` and exit status 1."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def at_least(low, kind=int):
+    """An argparse type: a number of ``kind`` no smaller than ``low``."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}"
+                                             f" >= {low}, got {text!r}") from None
+        if not value >= low:          # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+    parse.__name__ = f"{kind.__name__} >= {low}"
+    return parse
+
+
+def in_range(low, high, kind=float, low_open=False, high_open=False):
+    """An argparse type: a number in the interval from ``low`` to ``high`` (ends open or closed)."""
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}") from None
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (above and below):
+            raise argparse.ArgumentTypeError(f"must lie in {interval}, got {text}")
+        return value
+    parse.__name__ = f"number in {interval}"
+    return parse
+
+
+positive_int = at_least(1)
+positive_float = in_range(0.0, float("inf"), low_open=True, high_open=True)
+
+
+def limit_blas_threads(n_threads):
+    """Let BLAS use at most ``n_threads`` threads from now on; None: leave it on all cores (or
+    what OPENBLAS_NUM_THREADS says). See BLAS_THREADS_HELP."""
+    if n_threads is None:
+        return
+    if n_threads < 1:
+        raise ValueError(f"--blas-threads must be at least 1, got {n_threads}")
+    threadpoolctl.threadpool_limits(n_threads, user_api="blas")
+
+
+REASONS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only",
+           errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+           errno.EDQUOT: "disk quota exceeded", errno.ENOTDIR: "a part of the path is a file, "
+           "not a folder", errno.EEXIST: "it exists and is a file, not a folder"}
+
+
+def describe(error):
+    """One line for an expected error: an OSError from the system as 'path: reason', anything
+    else (our own OSErrors included) its text."""
+    if isinstance(error, OSError) and error.errno is not None and \
+            error.strerror == os.strerror(error.errno):          # the system's own words
+        reason = REASONS.get(error.errno, error.strerror or str(error))
+        return f"{error.filename}: {reason}" if error.filename else reason
+    return str(error)
+
+
+EXPECTED = (OSError, ValueError, RuntimeError)    # FileNotFoundError, NonFiniteError, h5py's, ...
+
+
+def run_command(command, args):
+    """``command(args)``; an expected failure becomes ``error: <one line>`` and exit status 1."""
+    try:
+        return command(args)
+    except EXPECTED as error:
+        print(f"error: {' '.join(describe(error).split())}", file=sys.stderr)
+        raise SystemExit(1)
