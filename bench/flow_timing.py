@@ -1,6 +1,7 @@
 """nfcore's side of the twin benchmark (bench/twin.py): its models, data and timings, without torch.
 
     python -m bench.flow_timing small finc affine 2 2 --sample     # one JSON line: seconds
+    python -m bench.flow_timing small finc affine 2 2 --device cuda   # nfcore on CuPy
 
 bench/twin.py times each side in a process of its own, taking turns, and runs this module as
 nfcore's. Why not both in one process: the two libraries then share ONE GNU OpenMP runtime.
@@ -27,7 +28,9 @@ import numba
 import numpy as np
 import threadpoolctl
 
+import nfcore
 from data import preprocess
+from nfcore.backend import default_array_module
 from nfcore.flow import COUPLINGS, STEP_KINDS, Flow
 from nfcore.optim import Adam
 
@@ -50,14 +53,17 @@ def synthetic_images(batch, image_shape, seed=0):
     return preprocess(images, N_BITS, rng)
 
 
-def make_flow(preset, invconv, coupling):
-    """The preset's float32 Flow, seeded, ActNorm initialized on the preset's batch x: (flow, x).
-    Both sides of the twin build exactly this model from exactly these images."""
+def make_flow(preset, invconv, coupling, device="cpu"):
+    """The preset's float32 Flow, seeded, ActNorm initialized on the preset's batch x: (flow, x),
+    x a NumPy array. Both sides of the twin build exactly this model from exactly these images.
+    device "cuda": the flow on CuPy (nfcore's backend set to "gpu" in this process)."""
     config = PRESETS[preset]
+    if device == "cuda":
+        nfcore.set_backend("gpu")
     flow = Flow(IMAGE_SHAPE, config["levels"], config["steps"], config["hidden"], invconv,
                 coupling, k=3, seed=0, dtype=np.float32)
     x = synthetic_images(config["batch"], IMAGE_SHAPE)
-    flow.forward(x)                                # ActNorm's data-dependent initialization
+    flow.forward(default_array_module().asarray(x))   # ActNorm's data-dependent initialization
     return flow, x
 
 
@@ -90,19 +96,30 @@ def numba_and_blas_threads(n, blas_threads):
         numba.set_num_threads(numba_before)
 
 
-def time_nfcore(preset, invconv, coupling, n_threads, blas_threads, sample):
+def time_nfcore(preset, invconv, coupling, n_threads, blas_threads, sample, device="cpu"):
     """{"step_s": one training step (forward, backward, clipped Adam), "sample_s": drawing
     N_SAMPLES images on one thread (when ``sample``)}, best of ``repeats_of(preset)``.
     Sampling first, on the initialized model: a few Adam steps on noise can make an untrained
-    model's samples overflow."""
-    flow, x = make_flow(preset, invconv, coupling)
+    model's samples overflow. device "cuda": on CuPy, each timed call waiting for the GPU."""
+    flow, x = make_flow(preset, invconv, coupling, device)
+    xp = default_array_module()
+    x = xp.asarray(x)
+    if device == "cuda":
+        sync = xp.cuda.get_current_stream().synchronize
+    else:
+        def sync():
+            pass
     repeats, warm_up = repeats_of(preset)
     times = {}
     if sample:
         rng = np.random.default_rng(0)
+
+        def draw():
+            flow.sample(N_SAMPLES, TEMPERATURE, rng, xp=xp)
+            sync()
+
         with numba_and_blas_threads(1, 1):
-            times["sample_s"] = best_time(lambda: flow.sample(N_SAMPLES, TEMPERATURE, rng),
-                                          min(repeats, 3), warm_up)
+            times["sample_s"] = best_time(draw, min(repeats, 3), warm_up)
     optimizer = Adam(flow.layers, lr=LR, max_grad_norm=MAX_GRAD_NORM)
 
     def step():
@@ -111,6 +128,7 @@ def time_nfcore(preset, invconv, coupling, n_threads, blas_threads, sample):
         optimizer.step()
         for layer in flow.layers:                  # free the activations, as torch does
             layer.release()
+        sync()
 
     with numba_and_blas_threads(n_threads, blas_threads):
         times["step_s"] = best_time(step, repeats, warm_up)
@@ -125,9 +143,11 @@ def main(argv=None):
     parser.add_argument("threads", type=int)
     parser.add_argument("blas_threads", type=int)
     parser.add_argument("--sample", action="store_true", help="time sampling too")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cpu (default) or cuda (CuPy and the CUDA kernels)")
     args = parser.parse_args(argv)
     print(json.dumps(time_nfcore(args.preset, args.invconv, args.coupling, args.threads,
-                                 args.blas_threads, args.sample)))
+                                 args.blas_threads, args.sample, args.device)))
     return 0
 
 

@@ -4,6 +4,7 @@
     python bench/invconv.py --torch          # with PyTorch's conv2d beside it (the README table)
     python bench/invconv.py --shapes 64x12x16 --contention    # with one competing busy process
     python bench/invconv.py --gpu            # the CUDA kernels on CuPy arrays
+    python bench/invconv.py --gpu --torch    # ... beside PyTorch's CUDA conv2d (cuDNN)
 
 Shapes are BxCxH (batch, channels, image size H = W), k = 3 unless --k. Every figure is the best
 of several runs, measured in this one process, so ratios compare like with like. Columns (ms):
@@ -13,14 +14,16 @@ of several runs, measured in this one process, so ratios compare like with like.
     inverse      InvConv.inverse, the schedule the kernels pick for the batch
     inv/fwd      inverse / forward
     diagonal     the kernel's anti-diagonal schedule (one barrier per anti-diagonal, H+W-1
-                 parallel steps; what the inverse uses for small batches, and the GPU's way)
+                 parallel steps; what the inverse uses for small batches). On the GPU: one
+                 kernel launch per anti-diagonal, against the inverse's one sweeping launch
     raster       the raster-scan solve (Emerging's way, H·W steps per image; on the CPU the
                  same schedule as the per-thread sweep)
     backward     InvConv.backward (input and weight gradients)
     finc         FInCUnit.forward at the same shape: four C/4 quarters, so a quarter of the
                  flops; finc GF/s is its rate, to compare with forward's
-    torch        with --torch: PyTorch's conv2d (oneDNN) on the same padded shape, same threads,
-                 and fwd/torch = torch time / forward time (> 1: nfcore faster)
+    torch        with --torch: PyTorch's conv2d (oneDNN; cuDNN with --gpu) on the same padded
+                 shape, same threads, and fwd/torch = torch time / forward time (> 1: nfcore
+                 faster)
     np-wave / np-raster   with --numpy-loops: the NumPy reference solves (one vectorized step per
                  anti-diagonal / per pixel), the step-count ratio without compiled code
 
@@ -92,7 +95,9 @@ def bench_shape(B, C, H, k, xp, kernels, sync, numpy_loops, with_torch):
         row["finc"] = best_time(lambda: finc.forward(x), repeats_for(row["forward"]), sync)
         row["finc_gflops"] = flops / 4 / row["finc"] / 1e9
     if with_torch:
-        row["torch"] = best_time(torch_conv2d(B, C, H, k), repeats_for(row["forward"]))
+        device = "cpu" if xp is np else "cuda"
+        row["torch"] = best_time(torch_conv2d(B, C, H, k, device), repeats_for(row["forward"]),
+                                 torch_sync(device))
     if numpy_loops:
         y_canonical = numpy_ref.to_groups(y, layer._flips())
         row["np_wave"] = best_time(lambda: numpy_ref.wavefront_inverse(y_canonical, wk), 2, sync)
@@ -122,13 +127,23 @@ def contention(B, C, H, k, with_torch):
     return quiet, busy
 
 
-def torch_conv2d(B, C, H, k):
-    """A call of PyTorch's conv2d on the padded input (the same flops)."""
+def torch_conv2d(B, C, H, k, device="cpu"):
+    """A call of PyTorch's conv2d on the padded input (the same flops), float32, on ``device``
+    ("cpu": as many threads as Numba; "cuda": cuDNN, its autotuner on)."""
     import torch
     torch.set_num_threads(numba.get_num_threads())
-    x = torch.randn(B, C, H + k - 1, H + k - 1)
-    w = torch.randn(C, C, k, k)
+    torch.backends.cudnn.benchmark = True
+    x = torch.randn(B, C, H + k - 1, H + k - 1, device=device)
+    w = torch.randn(C, C, k, k, device=device)
     return lambda: torch.nn.functional.conv2d(x, w)
+
+
+def torch_sync(device):
+    """What waits for PyTorch's queued work on ``device`` (nothing on the CPU)."""
+    if device == "cpu":
+        return lambda: None
+    import torch
+    return torch.cuda.synchronize
 
 
 def bench_dense(C, H, k, xp, sync, gpu):
@@ -155,13 +170,15 @@ def main(argv=None):
                                      epilog=__doc__.split("\n", 2)[2])
     parser.add_argument("--shapes", nargs="+", default=None, metavar="BxCxH",
                         help="batch x channels x image size (default 64x12x16 64x12x32 16x48x16 "
-                             "64x12x64 on the CPU, 64x12x32 64x12x64 64x12x128 on the GPU)")
+                             "64x12x64 on the CPU, 64x12x32 64x12x64 64x12x128 64x12x256 on the "
+                             "GPU)")
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--numpy-loops", action="store_true",
                         help="add the slow NumPy step loops (np-wave, np-raster)")
     parser.add_argument("--gpu", action="store_true", help="run the CUDA kernels on CuPy arrays")
     parser.add_argument("--torch", action="store_true",
-                        help="add PyTorch's conv2d on the same shape (needs torch installed)")
+                        help="add PyTorch's conv2d on the same shape (needs torch installed; "
+                             "with --gpu, torch built for CUDA)")
     parser.add_argument("--contention", action="store_true",
                         help="time the inverse again beside one busy process (first shape)")
     args = parser.parse_args(argv)
@@ -171,7 +188,7 @@ def main(argv=None):
         from nfcore.kernels import cuda as kernels
         xp, sync = cupy, cupy.cuda.get_current_stream().synchronize
         device = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
-        shapes = args.shapes or ["64x12x32", "64x12x64", "64x12x128"]
+        shapes = args.shapes or ["64x12x32", "64x12x64", "64x12x128", "64x12x256"]
     else:
         from nfcore.kernels import cpu as kernels
         xp, sync = np, (lambda: None)
@@ -185,9 +202,13 @@ def main(argv=None):
 
     k = args.k
     numpy_loops = args.numpy_loops and not args.gpu
-    has_torch = args.torch and not args.gpu
+    has_torch = args.torch
     if has_torch and importlib.util.find_spec("torch") is None:
         parser.error("--torch needs PyTorch installed beside nfcore (pip install -e '.[bench]')")
+    if has_torch and args.gpu:
+        import torch
+        if not torch.cuda.is_available():
+            parser.error("--gpu --torch needs a PyTorch built for CUDA that sees the GPU")
     print(f"InvConv benchmark: k={k}, float32, {device}; best of several runs, ms")
     header = (f"{'BxCxH':>9} {'forward':>8} {'GF/s':>6} {'inverse':>8} {'inv/fwd':>7} "
               f"{'diagonal':>8} {'raster':>8} {'backward':>8} {'finc':>7} {'GF/s':>6}")

@@ -4,6 +4,7 @@
     python bench/twin.py --preset wide --invconv finc glow1x1
     python bench/twin.py --check-only                     # the agreement check alone
     python bench/twin.py --preset paper --invconv finc    # the papers' model, one step
+    python bench/twin.py --device cuda                    # nfcore on CuPy vs PyTorch CUDA
 
 What the twin is: a reference for nfcore's speed. It is Flow's architecture written the way a
 PyTorch user would write it: nn.Conv2d coupling networks, the masked k×k convolution as F.pad on
@@ -16,8 +17,10 @@ bits/dim, and decode from the same latents, to 1e-10 (float64) or 1e-4 (float32)
 value of nfcore's array, on small models of every step kind with both couplings; the run stops
 with exit status 1 otherwise.
 
-What it is not: a second implementation to use. No checkpoints, data sets, GPU path, warm-up
-schedule or EMA; nothing in nfcore imports torch (install it with pip install -e .[bench]).
+What it is not: a second implementation to use. No checkpoints, data sets, warm-up schedule or
+EMA; nothing in nfcore imports torch (install it with pip install -e .[bench]). With --device
+cuda the twin runs on PyTorch CUDA and nfcore on CuPy, the agreement check included; the
+thread settings below then apply to the host side only.
 
 Timing: each side in a process of its own (nfcore's in bench/flow_timing.py, which says why: in
 one process the two would share one OpenMP runtime, set up for one of them), the sides taking
@@ -36,6 +39,7 @@ from_nfcore):
 Ratios are nfcore's speed over torch's: above 1, nfcore is faster.
 """
 import argparse
+import contextlib
 import json
 import math
 import subprocess
@@ -60,7 +64,7 @@ from bench.flow_timing import (LR, MAX_GRAD_NORM, N_BITS, N_SAMPLES, PRESETS, TE
                                best_time, make_flow, repeats_of, synthetic_images)
 
 from nfcore import layers as nf
-from nfcore.backend import to_numpy
+from nfcore.backend import default_array_module, get_backend, set_backend, to_numpy
 from nfcore.flow import COUPLINGS, STEP_KINDS, Flow
 from nfcore.layers.coupling import SCALE_SHIFT
 from nfcore.layers.invconv import GroupedMaskedConv
@@ -122,7 +126,7 @@ class Conv1x1(nn.Module):
 
     def weight(self):
         """W (C, C)."""
-        eye = torch.eye(len(self.log_s), dtype=self.log_s.dtype)
+        eye = torch.eye(len(self.log_s), dtype=self.log_s.dtype, device=self.log_s.device)
         L = self.lower.tril(-1) + eye
         U = self.upper.triu(1) + torch.diag(self.sign_s * self.log_s.exp())
         return (L @ U)[self.perm]
@@ -163,7 +167,7 @@ def solve_top_left(y, w, order="wavefront"):
     k = w.shape[-1]
     y = y.permute(0, 3, 4, 1, 2)
     x = y.new_zeros(G, H + k - 1, W + k - 1, B, C)    # padded on the top and the left
-    eye = torch.eye(C, dtype=w.dtype).expand(G, C, C)
+    eye = torch.eye(C, dtype=w.dtype, device=w.device).expand(G, C, C)
     self_tap_inverse = torch.linalg.solve_triangular(w[..., k - 1, k - 1], eye, upper=False)
 
     def solve(patches, y_pixels):
@@ -172,9 +176,9 @@ def solve_top_left(y, w, order="wavefront"):
         return torch.einsum("goi,gqni->gqno", self_tap_inverse, r)
 
     if order == "wavefront":
-        taps = torch.arange(k)
+        taps = torch.arange(k, device=x.device)
         for d in range(H + W - 1):
-            rows = torch.arange(max(0, d - W + 1), min(d, H - 1) + 1)
+            rows = torch.arange(max(0, d - W + 1), min(d, H - 1) + 1, device=x.device)
             cols = d - rows
             patches = x[:, rows[:, None, None] + taps[:, None], cols[:, None, None] + taps]
             x[:, rows + k - 1, cols + k - 1] = solve(patches, y[:, rows, cols])
@@ -326,7 +330,7 @@ class Coupling(nn.Module):
 
 def gaussian_log_prob(z, mean=0.0, logs=0.0):
     """(B,) log N(z; mean, exp(logs)²), summed over each sample's values."""
-    logs = torch.as_tensor(logs, dtype=z.dtype)
+    logs = torch.as_tensor(logs, dtype=z.dtype, device=z.device)
     elementwise = -0.5 * (LOG_2PI + 2 * logs + (z - mean) ** 2 * (-2 * logs).exp())
     return elementwise.flatten(1).sum(dim=1)
 
@@ -401,8 +405,8 @@ class TwinFlow(nn.Module):
         return h
 
     def sample(self, n, temperature=1.0):
-        dtype = next(self.parameters()).dtype
-        z_top = temperature * torch.randn(n, *self.top_shape, dtype=dtype)
+        param = next(self.parameters())
+        z_top = temperature * torch.randn(n, *self.top_shape, dtype=param.dtype, device=param.device)
         return self.inverse(z_top, temperature=temperature)
 
 
@@ -432,9 +436,11 @@ def twin_layer(layer):
     raise TypeError(f"no twin for the layer {type(layer).__name__}")
 
 
-def from_nfcore(flow, dtype=torch.float32):
-    """A TwinFlow with every parameter and fixed state (Conv1x1's perm and sign_s) of ``flow``."""
-    twin = TwinFlow([twin_layer(layer) for layer in flow.layers], flow.top_shape).to(dtype)
+def from_nfcore(flow, dtype=torch.float32, device="cpu"):
+    """A TwinFlow on ``device`` with every parameter and fixed state (Conv1x1's perm and
+    sign_s) of ``flow`` (whose arrays may be NumPy or CuPy)."""
+    twin = TwinFlow([twin_layer(layer) for layer in flow.layers], flow.top_shape).to(
+        device=device, dtype=dtype)
     with torch.no_grad():
         for index, (layer, twin_layer_) in enumerate(zip(flow.layers, twin.layers)):
             params = dict(twin_layer_.named_parameters())
@@ -457,41 +463,46 @@ def from_nfcore(flow, dtype=torch.float32):
 
 def relative_error(actual, expected):
     """max |actual − expected| / max |expected| (the absolute error where expected is all 0)."""
-    actual = actual.detach().numpy() if isinstance(actual, torch.Tensor) else actual
+    actual = actual.detach().cpu().numpy() if isinstance(actual, torch.Tensor) else actual
     scale = float(np.abs(expected).max())
     return float(np.abs(actual - expected).max()) / (scale if scale > 0 else 1.0)
 
 
 def agreement(invconv, coupling, dtype=np.float64, image_shape=(3, 8, 8), levels=2, steps=2,
-              hidden=8, batch=4, seed=0):
+              hidden=8, batch=4, seed=0, device="cpu"):
     """Max relative errors of the twin against nfcore on one small model:
     {"log p", "latents", "gradients", "decode"}, and the parameter with the worst gradient.
 
     The model is initialized (ActNorm) on the batch, then every parameter gets N(0, 0.05²)
     added, so that the zero-initialized convs do not make most gradients trivially zero.
+    device "cuda": nfcore on CuPy (its backend set to "gpu" meanwhile), the twin on CUDA.
     """
     dtype = np.dtype(dtype)
-    flow = Flow(image_shape, levels, steps, hidden, invconv, coupling, k=3, seed=seed, dtype=dtype)
-    x = synthetic_images(batch, image_shape, seed).astype(dtype)
-    flow.forward(x)
-    rng = np.random.default_rng(seed + 1)
-    for layer in flow.layers:
-        for param in layer.params.values():
-            param[...] += rng.standard_normal(param.shape) * 0.05
-    twin = from_nfcore(flow, TORCH_DTYPE[dtype])
-    x_torch = torch.from_numpy(x)
+    with nfcore_backend(device):
+        xp = default_array_module()
+        flow = Flow(image_shape, levels, steps, hidden, invconv, coupling, k=3, seed=seed,
+                    dtype=dtype)
+        x = xp.asarray(synthetic_images(batch, image_shape, seed).astype(dtype))
+        flow.forward(x)
+        rng = np.random.default_rng(seed + 1)
+        for layer in flow.layers:
+            for param in layer.params.values():
+                param[...] += xp.asarray(rng.standard_normal(param.shape) * 0.05)
+        twin = from_nfcore(flow, TORCH_DTYPE[dtype], device)
+        x_torch = torch.from_numpy(to_numpy(x)).to(device)
 
-    log_p, latents = flow.log_prob(x), flow.encode(x)
-    for layer in flow.layers:
-        layer.zero_grad()
-    flow.loss_and_backward(x, N_BITS)
-    decoded = flow.decode(latents)
+        log_p, latents = to_numpy(flow.log_prob(x)), flow.encode(x)
+        for layer in flow.layers:
+            layer.zero_grad()
+        flow.loss_and_backward(x, N_BITS)
+        decoded = to_numpy(flow.decode(latents))
+        latents = [to_numpy(z) for z in latents]
 
     twin.zero_grad()
     twin.bits_per_dim(x_torch, N_BITS).mean().backward()
     with torch.no_grad():
         twin_log_p, twin_latents = twin.log_prob(x_torch), twin.encode(x_torch)
-        twin_decoded = twin.decode([torch.from_numpy(z) for z in latents])
+        twin_decoded = twin.decode([torch.from_numpy(z).to(device) for z in latents])
 
     gradient_errors = {f"{index}/{name}": relative_error(param.grad, to_numpy(layer.grads[name]))
                        for index, (layer, twin_layer_) in enumerate(zip(flow.layers, twin.layers))
@@ -504,15 +515,16 @@ def agreement(invconv, coupling, dtype=np.float64, image_shape=(3, 8, 8), levels
     return errors, worst
 
 
-def check_agreement(cases, dtypes=(np.float64, np.float32)):
+def check_agreement(cases, dtypes=(np.float64, np.float32), device="cpu"):
     """Print the agreement of every (invconv, coupling) case in each dtype; True if all pass."""
-    print("Agreement of the twin with nfcore (small models): max |torch − nfcore| / max |nfcore|")
+    print(f"Agreement of the twin with nfcore (small models, {device}): "
+          f"max |torch − nfcore| / max |nfcore|")
     print(f"{'dtype':>8} {'invconv':>9} {'coupling':>8} {'log p':>9} {'latents':>9} "
           f"{'gradients':>9} {'decode':>9}  result  (worst gradient)")
     passed, worst_of = True, {}
     for dtype in map(np.dtype, dtypes):
         for invconv, coupling in cases:
-            errors, worst = agreement(invconv, coupling, dtype)
+            errors, worst = agreement(invconv, coupling, dtype, device=device)
             ok = max(errors.values()) <= TOLERANCE[dtype]
             passed &= ok
             worst_of[dtype] = max(worst_of.get(dtype, 0.0), *errors.values())
@@ -529,19 +541,37 @@ def check_agreement(cases, dtypes=(np.float64, np.float32)):
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def time_torch(preset, invconv, coupling, n_threads, sample):
+@contextlib.contextmanager
+def nfcore_backend(device):
+    """nfcore's backend for the twin's ``device``: "gpu" (CuPy) for "cuda", "cpu" else;
+    restored afterwards."""
+    before = get_backend()
+    set_backend("gpu" if device == "cuda" else "cpu")
+    try:
+        yield
+    finally:
+        set_backend(before)
+
+
+def time_torch(preset, invconv, coupling, n_threads, sample, device="cpu"):
     """torch's side, in this process: the twin of ``make_flow``'s flow, the same step (forward,
-    backward, clip_grad_norm_, Adam) and sampling on one thread; seconds as ``time_nfcore``."""
+    backward, clip_grad_norm_, Adam) and sampling on one thread; seconds as ``time_nfcore``.
+    device "cuda": the twin on the GPU, each timed call waiting for it (torch.cuda.synchronize)."""
     flow, x = make_flow(preset, invconv, coupling)
-    twin = from_nfcore(flow, torch.float32)
+    twin = from_nfcore(flow, torch.float32, device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     repeats, warm_up = repeats_of(preset)
     times = {}
     if sample:
         torch.set_num_threads(1)
-        with torch.no_grad():
-            times["sample_s"] = best_time(lambda: twin.sample(N_SAMPLES, TEMPERATURE),
-                                          min(repeats, 3), warm_up)
-    x_torch = torch.from_numpy(x)
+
+        def draw():
+            with torch.no_grad():
+                twin.sample(N_SAMPLES, TEMPERATURE)
+            sync()
+
+        times["sample_s"] = best_time(draw, min(repeats, 3), warm_up)
+    x_torch = torch.from_numpy(x).to(device)
     optimizer = torch.optim.Adam(twin.parameters(), lr=LR)
 
     def step():
@@ -549,13 +579,14 @@ def time_torch(preset, invconv, coupling, n_threads, sample):
         twin.bits_per_dim(x_torch, N_BITS).mean().backward()
         torch.nn.utils.clip_grad_norm_(twin.parameters(), MAX_GRAD_NORM)
         optimizer.step()
+        sync()
 
     torch.set_num_threads(n_threads)
     times["step_s"] = best_time(step, repeats, warm_up)
     return times
 
 
-def run_side(side, preset, invconv, coupling, n_threads, blas_threads, sample):
+def run_side(side, preset, invconv, coupling, n_threads, blas_threads, sample, device="cpu"):
     """Time one side in a fresh process (python -m bench.flow_timing for nfcore, this file's
     --torch-worker for torch): {"step_s", "sample_s"}."""
     if side == "nfcore":
@@ -564,21 +595,24 @@ def run_side(side, preset, invconv, coupling, n_threads, blas_threads, sample):
     else:
         command = ["-m", "bench.twin", "--torch-worker", "--preset", preset, "--invconv",
                    invconv, "--coupling", coupling, "--threads", str(n_threads)]
-    done = subprocess.run([sys.executable, *command] + (["--sample"] if sample else []),
-                          cwd=ROOT, capture_output=True, text=True)
+    command += ["--sample"] if sample else []
+    command += ["--device", device] if device != "cpu" else []
+    done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"timing {side} {preset} {invconv} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def benchmark(preset, invconv, coupling, n_threads, blas_threads, rounds, sample=True):
+def benchmark(preset, invconv, coupling, n_threads, blas_threads, rounds, sample=True,
+              device="cpu"):
     """One row of the table: images/s of a training step and seconds to sample 100, both sides;
     the two sides take turns, ``rounds`` processes each, and each keeps its best (the machine's
     speed drifts: taking turns exposes both to it alike)."""
     best = {"nfcore": {}, "torch": {}}
     for _ in range(1 if preset == "paper" else rounds):
         for side in ("nfcore", "torch"):
-            times = run_side(side, preset, invconv, coupling, n_threads, blas_threads, sample)
+            times = run_side(side, preset, invconv, coupling, n_threads, blas_threads, sample,
+                             device)
             for name, seconds in times.items():
                 best[side][name] = min(best[side].get(name, math.inf), seconds)
     batch = PRESETS[preset]["batch"]
@@ -591,9 +625,11 @@ def benchmark(preset, invconv, coupling, n_threads, blas_threads, rounds, sample
     return row
 
 
-def print_table(rows, n_threads, blas_threads):
-    print(f"\nTraining step (float32, {n_threads} threads, nfcore BLAS {blas_threads}): images/s; "
-          f"sampling 100 images at T=0.7 on one thread: s. Ratio: nfcore speed / torch speed.")
+def print_table(rows, n_threads, blas_threads, device="cpu"):
+    where = (f"{n_threads} threads, nfcore BLAS {blas_threads}" if device == "cpu"
+             else "nfcore on CuPy, torch on CUDA")
+    print(f"\nTraining step (float32, {where}): images/s; sampling 100 images at T=0.7"
+          f"{' on one thread' if device == 'cpu' else ''}: s. Ratio: nfcore speed / torch speed.")
     print(f"{'preset':>6} {'invconv':>9} {'nfcore img/s':>12} {'torch img/s':>11} {'ratio':>6} "
           f"{'nfcore sample s':>15} {'torch sample s':>14} {'ratio':>6}")
     for r in rows:
@@ -630,6 +666,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=2,
                         help="processes per side and row, taking turns; each side keeps its "
                              "best (default 2; the paper preset: 1)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cpu (default), or cuda: nfcore on CuPy (the CUDA kernels) against "
+                             "the twin on PyTorch CUDA, the agreement check included")
     parser.add_argument("--torch-worker", action="store_true",
                         help="internal: time torch's side of one row in this process, print JSON")
     parser.add_argument("--sample", action="store_true", help="internal, with --torch-worker")
@@ -643,14 +682,16 @@ def main(argv=None):
         parser.error(f"--threads must lie in 1..{numba.config.NUMBA_NUM_THREADS}")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a PyTorch built for CUDA that sees a GPU")
     if args.torch_worker:
         print(json.dumps(time_torch(args.preset, args.invconv[0], args.coupling, args.threads,
-                                    args.sample)))
+                                    args.sample, args.device)))
         return 0
 
     if not args.skip_check:
         cases = [(invconv, coupling) for invconv in STEP_KINDS for coupling in COUPLINGS]
-        if not check_agreement(cases):
+        if not check_agreement(cases, device=args.device):
             print("the twin and nfcore disagree: no timing", file=sys.stderr)
             return 1
         if args.check_only:
@@ -658,9 +699,10 @@ def main(argv=None):
     rows = []
     for invconv in args.invconv:
         rows.append(benchmark(args.preset, invconv, args.coupling, args.threads,
-                              args.blas_threads, args.rounds, sample=not args.no_sample))
+                              args.blas_threads, args.rounds, sample=not args.no_sample,
+                              device=args.device))
         print(f"  {args.preset} {invconv}: done", flush=True)
-    print_table(rows, args.threads, args.blas_threads)
+    print_table(rows, args.threads, args.blas_threads, args.device)
     return 0
 
 
