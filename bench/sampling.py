@@ -13,7 +13,7 @@ size of the paper's figures is not stated in the sources this project has; --n s
 
 Each cell is the best wall time of --repeats calls of ``Flow.sample(n, temperature=0.7)``
 (after one warm-up call that compiles the kernels), the result brought to the host, in
-seconds. The inverses of the k×k steps differ by how many sequential steps they take per
+seconds; at each size the four models take turns, round after round. The inverses of the k×k steps differ by how many sequential steps they take per
 image of H×W pixels: finc and cinc, the wavefront, H+W−1; emerging, the raster scan, H·W;
 glow1x1 has no k×k layer (its 1×1 inverse is one matrix product). The ratio columns are each
 step's time over finc's.
@@ -47,18 +47,24 @@ def build_flow(invconv, size, levels, steps, hidden, xp):
     return flow
 
 
-def time_sampling(flow, n, temperature, repeats, xp):
-    """The best of ``repeats`` wall times (s) of drawing n samples and bringing them to the
-    host, after one warm-up call; and the largest |value| of the last sample (a sanity check:
-    finite, and of the scale of images in [-0.5, 0.5])."""
+def time_sampling(flows, n, temperature, repeats, xp):
+    """{kind: (best wall time in s, largest |value|)} of drawing n samples from each flow and
+    bringing them to the host: one warm-up call each (it compiles the kernels), then
+    ``repeats`` rounds in which the flows take turns, so that a change in the machine's load
+    affects them alike. The largest |value| of the last sample is a sanity check: finite, and
+    of the scale of images in [-0.5, 0.5]."""
     rng = np.random.default_rng(0)
-    to_numpy(flow.sample(n, temperature, rng, xp=xp))          # compiles the kernels
-    best = math.inf
+    for flow in flows.values():
+        to_numpy(flow.sample(n, temperature, rng, xp=xp))
+    best = {kind: math.inf for kind in flows}
+    largest = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        images = to_numpy(flow.sample(n, temperature, rng, xp=xp))
-        best = min(best, time.perf_counter() - start)
-    return best, float(np.abs(images).max())
+        for kind, flow in flows.items():
+            start = time.perf_counter()
+            images = to_numpy(flow.sample(n, temperature, rng, xp=xp))
+            best[kind] = min(best[kind], time.perf_counter() - start)
+            largest[kind] = float(np.abs(images).max())
+    return {kind: (best[kind], largest[kind]) for kind in flows}
 
 
 def main(argv=None):
@@ -102,18 +108,21 @@ def main(argv=None):
           f"best of {args.repeats}", flush=True)
 
     times = {kind: {} for kind in args.invconv}
-    for kind in args.invconv:
-        for size in args.sizes:
-            if times[kind] and args.budget and max(times[kind].values()) > args.budget:
-                break
-            flow = build_flow(kind, size, args.levels, args.steps, args.hidden, xp)
-            seconds, largest = time_sampling(flow, args.n, args.temperature, args.repeats, xp)
+    for size in args.sizes:
+        kinds = [kind for kind in args.invconv
+                 if not (times[kind] and args.budget and max(times[kind].values()) > args.budget)]
+        if not kinds:
+            break
+        flows = {kind: build_flow(kind, size, args.levels, args.steps, args.hidden, xp)
+                 for kind in kinds}
+        results = time_sampling(flows, args.n, args.temperature, args.repeats, xp)
+        for kind, (seconds, largest) in results.items():
+            print(f"  {kind:>8} {size:>4}x{size:<4} {seconds:9.4f} s   (max |x| {largest:.2f})",
+                  flush=True)
             if not math.isfinite(largest):
                 print(f"error: {kind} at {size}x{size}: the samples hold NaN/Inf", file=sys.stderr)
                 return 1
             times[kind][size] = seconds
-            print(f"  {kind:>8} {size:>4}x{size:<4} {seconds:9.4f} s   (max |x| {largest:.2f})",
-                  flush=True)
 
     print()
     kinds = args.invconv
