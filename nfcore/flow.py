@@ -30,6 +30,8 @@ import math
 import numpy as np
 
 from .backend import get_array_module
+from .conditioning import (RECOMPUTE_TOLERANCE, SAMPLE_TOLERANCE, InputFingerprints, InverseAccuracyError,
+                           SensitivityProbe)
 from .layers import (ActNorm, NonFiniteError, AffineCoupling, Conv1x1, EmergingConv, FInCUnit, InvConv,
                      QuadCoupling, Split, Squeeze)
 from .layers.prior import GaussianPrior
@@ -92,11 +94,17 @@ class Flow:
     # ---- density -------------------------------------------------------------------------
     def forward(self, x, keep_caches=True):
         """(z_top, logdet): the top latent and Σ of every layer's logdet (Splits included).
-        ``keep_caches=False`` drops each layer's cache right after it ran (memory-saving mode)."""
+        ``keep_caches=False`` drops each layer's cache right after it ran (memory-saving mode)
+        and keeps instead two numbers per sample of each layer's input in
+        ``self.input_fingerprints`` (``conditioning.InputFingerprints``), against which the
+        memory-saving backward checks the inputs it rebuilds."""
         xp = get_array_module(x)
         logdet = xp.zeros(x.shape[0], dtype=x.dtype)
         h = x
+        self.input_fingerprints = InputFingerprints()
         for layer in self.layers:
+            if not keep_caches:
+                self.input_fingerprints.keep(h)
             h, layer_logdet = layer.forward(h)
             logdet = logdet + layer_logdet
             if not keep_caches:
@@ -113,7 +121,7 @@ class Flow:
         z, logdet = self.forward(x)
         return bits_per_dim(self.prior.forward(z), logdet, self.n_dims, n_bits)
 
-    def loss_and_backward(self, x, n_bits, recompute=False):
+    def loss_and_backward(self, x, n_bits, recompute=False, inverse_tolerance=RECOMPUTE_TOLERANCE):
         """The mean bits/dim of the batch, and its gradient added into every layer's grads.
 
         loss = mean_n bpd_n, so d loss / d logdet_n = −1 / (B·D·ln 2) for every layer and for
@@ -124,6 +132,13 @@ class Flow:
         ``inverse`` and its forward rerun before its backward. Memory for one layer's
         activations instead of all of them, for one inverse and one more forward per layer:
         the reason a fast inverse matters for training too.
+
+        A rebuilt input is only as good as the inverse that rebuilt it: an ill-conditioned
+        masked convolution returns finite, wrong activations, and from them wrong gradients
+        with a right-looking loss. So each rebuilt input is checked against the fingerprint
+        the forward pass kept of it (``conditioning.InputFingerprints``, ≈ ‖error‖/‖h‖); past
+        ``inverse_tolerance`` (None: no check) this raises ``InverseAccuracyError`` before any
+        wrong gradient reaches the optimizer (the trainer skips the step).
         """
         B = x.shape[0]
         z, logdet = self.forward(x, keep_caches=not recompute)
@@ -132,9 +147,19 @@ class Flow:
         dlogdet = xp.full(B, -1.0 / (B * self.n_dims * math.log(2)), dtype=x.dtype)
         dh = self.prior.backward(dlogdet)          # d loss / d log p(z) = d loss / d logdet
         h = z
-        for layer in reversed(self.layers):
+        for index in reversed(range(len(self.layers))):
+            layer = self.layers[index]
             if recompute:
                 h = layer.inverse(h, z2=layer.z2) if isinstance(layer, Split) else layer.inverse(h)
+                if inverse_tolerance is not None:
+                    error = self.input_fingerprints.error(index, h)
+                    if error > inverse_tolerance:
+                        raise InverseAccuracyError(
+                            f"memory-saving backward: the input of layer {index} "
+                            f"({type(layer).__name__}) rebuilt by the inverse is off by a relative "
+                            f"{error:.1e} (tolerance {inverse_tolerance:g}); its gradients would "
+                            f"be wrong. The model's inverse is ill-conditioned: train without "
+                            f"--recompute, or with the conditioning guard")
                 layer.forward(h)
             dh = layer.backward(dh, dlogdet)
             if recompute:
@@ -160,19 +185,56 @@ class Flow:
                              f"top), got {len(latents)}")
         return self.inverse(latents[-1], split_latents=latents[:-1])
 
-    def sample(self, n, temperature=1.0, rng=None, xp=np, dtype=None):
-        """n images drawn at the given temperature: z ~ N(0, T²) at the top and at every Split."""
+    def sample(self, n, temperature=1.0, rng=None, xp=np, dtype=None, tolerance=SAMPLE_TOLERANCE):
+        """n images drawn at the given temperature: z ~ N(0, T²) at the top and at every Split.
+
+        With a ``tolerance`` (None: no check) the sampling checks its own inverse: two copies
+        of the first sample's latents ride along in the batch (2 of n + 2 images), pushed apart
+        before every layer's inverse by a perturbation like its rounding error, and
+        ``conditioning.SensitivityProbe`` turns their spread into the estimated rounding error
+        of the samples, kept in ``self.last_sample_error``. Past the
+        tolerance this raises ``InverseAccuracyError``: the samples are finite but are not what
+        the model defines, because its inverse amplifies rounding errors (an ill-conditioned
+        masked convolution). The n samples are the same with and without the check.
+        """
         rng = np.random.default_rng() if rng is None else rng
         dtype = self.dtype if dtype is None else dtype
         z_top = self.prior.sample((n,) + self.top_shape, temperature, rng, dtype, xp)
+        self.last_sample_error = None
         try:
             with np.errstate(over="ignore", invalid="ignore"):   # reported below instead
-                return self.inverse(z_top, temperature=temperature, rng=rng)
+                if tolerance is None:
+                    return self.inverse(z_top, temperature=temperature, rng=rng)
+                x = self._inverse_with_probes(z_top, temperature, rng)
         except NonFiniteError as error:
             raise NonFiniteError(
                 f"sampling diverged at temperature {temperature}: an inverse overflowed to "
                 f"NaN/Inf ({error}); the model sends some latents far from the data, try a "
                 f"lower temperature") from error
+        self.last_sample_error = self._probe.error(x, dtype)
+        if self.last_sample_error > tolerance:
+            raise InverseAccuracyError(
+                f"sampling: the samples' estimated rounding error is {self.last_sample_error:.1e} "
+                f"(tolerance {tolerance:g}): the model's inverse amplifies rounding errors at "
+                f"{x.shape[2]}×{x.shape[3]}, so its samples are not what it defines (an "
+                f"ill-conditioned masked convolution)")
+        return x[:n]
+
+    def _inverse_with_probes(self, z_top, temperature, rng):
+        """The inverse of z_top (n images) with two probe images, pushed apart before every
+        layer's inverse (``conditioning.SensitivityProbe``); the n images get the same draws at
+        every Split as ``inverse`` gives them, the probes copies of the first image's."""
+        n = len(z_top)
+        self._probe = SensitivityProbe(n)
+        h = self._probe.extend(z_top)
+        for layer in reversed(self.layers):
+            h = self._probe.perturb(h)
+            if isinstance(layer, Split):
+                z2 = self._probe.extend(layer.draw(h, temperature, rng, rows=n))
+                h = layer.inverse(h, z2=z2)
+            else:
+                h = layer.inverse(h)
+        return h
 
     def inverse(self, z_top, split_latents=None, temperature=1.0, rng=None):
         """x from z_top, walking the layers backwards. Each Split takes its z2 from

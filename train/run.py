@@ -33,6 +33,7 @@ import nfcore
 from data import DATASETS, Batches, load_dataset
 from nfcore.backend import get_array_module, to_device
 from nfcore.flow import COUPLINGS, STEP_KINDS
+from nfcore.conditioning import InverseAccuracyError
 from nfcore.layers import NonFiniteError
 from nfcore.optim import Adam
 
@@ -40,6 +41,7 @@ from .checkpoint import remove_stale_temporaries
 from .cli import (BLAS_THREADS_HELP, ArgumentParser, at_least, in_range, limit_blas_threads,
                   positive_float, positive_int, run_command)
 from .images import save_curve
+from .monitor import RECON_THRESHOLD, check_reconstruction, reconstruction_batch
 from .session import (MODEL_KEYS, build_flow, evaluate_bits_per_dim, load_flow, optimizer_state,
                       save_samples, save_training_checkpoint)
 
@@ -121,6 +123,13 @@ def parse_args(argv=None):
     opt.add_argument("--eval-every", type=positive_int,
                      help="test bits/dim and a checkpoint every N steps (>= 1)")
     opt.add_argument("--sample-every", type=positive_int, help="sample grids every N steps (>= 1)")
+    opt.add_argument("--recon-threshold", type=positive_float, default=RECON_THRESHOLD,
+                     help="every evaluation logs recon_error = max |decode(encode(x)) - x| on a "
+                          "fixed test batch (train/monitor.py); warn when it passes this, > 0 "
+                          "(default %(default)g)")
+    opt.add_argument("--stop-on-recon-error", action="store_true",
+                     help="stop the run, keeping the checkpoint just written, when recon_error "
+                          "passes --recon-threshold")
     add("--out", default="runs/latest", help="output folder (default runs/latest)")
     add("--resume", nargs="?", const="auto", metavar="CKPT",
         help="continue from CKPT (default: <out>/checkpoint.h5); see above for which options "
@@ -262,6 +271,9 @@ class Run:
                               max_grad_norm=config["max_grad_norm"], ema_decay=config["ema"])
         if self.resumed:
             self.optimizer.load_state_dict(optimizer_state(arrays, meta))
+        self.recon_x = reconstruction_batch(self.test_images, config["batch_size"], config["n_bits"],
+                                            config["seed"])
+        self.recon_threshold, self.stop_on_recon = args.recon_threshold, args.stop_on_recon_error
         self.metrics = Metrics(os.path.join(args.out, "metrics.jsonl"))
         self.metrics.restart(self.step if self.resumed else -1)
         if changes:
@@ -303,6 +315,21 @@ class Run:
             return evaluate_bits_per_dim(self.flow, self.test_images, self.config["n_bits"],
                                          self.config["batch_size"], self.config["seed"])
 
+    def reconstruction(self):
+        """(recon_error, warning or None) on the fixed test batch, with the evaluation's weights."""
+        with self.optimizer.ema_parameters():
+            return check_reconstruction(self.flow, self.recon_x, self.recon_threshold)
+
+    def act_on_reconstruction(self, recon_error, warning, say):
+        """Say the warning; with --stop-on-recon-error, stop (after the checkpoint was written)."""
+        if warning is None:
+            return
+        say(warning)
+        if self.stop_on_recon:
+            raise ValueError(f"stopping at step {self.step} (--stop-on-recon-error): recon_error "
+                             f"{recon_error:.1e} > --recon-threshold {self.recon_threshold:g}; the "
+                             f"checkpoint of this step is {self.checkpoint_path}")
+
     def samples(self, say):
         """Sample grids at each of TEMPERATURES; a draw that overflows is logged, not fatal."""
         seed = self.config["seed"]
@@ -312,7 +339,7 @@ class Run:
                 try:
                     save_samples(self.flow, path, 64, temperature, self.config["n_bits"],
                                  seed=[seed, 4, self.step])
-                except NonFiniteError as error:
+                except (NonFiniteError, InverseAccuracyError) as error:
                     self.metrics.log({"step": self.step, "sampling_failed": str(error)})
                     say(f"step {self.step}: {error}")
 
@@ -345,7 +372,7 @@ def train_loop(run, time_budget=None):
             try:
                 loss, grad_norm = run.train_step(x)
                 bad_in_a_row = 0
-            except (NonFiniteError, FloatingPointError) as error:
+            except (NonFiniteError, FloatingPointError, InverseAccuracyError) as error:
                 bad_in_a_row += 1
                 run.metrics.log({"step": run.step, "skipped": str(error)})
                 progress.write(f"step {run.step}: skipped ({error})")
@@ -367,10 +394,12 @@ def train_loop(run, time_budget=None):
                 window = []
             if run.step % config["eval_every"] == 0 and run.step < run.max_steps:
                 test_bpd = run.evaluate()
-                run.metrics.log({"step": run.step, "test_bpd": test_bpd})
-                progress.write(f"step {run.step}: test bpd {test_bpd:.4f}")
+                recon_error, warning = run.reconstruction()
+                run.metrics.log({"step": run.step, "test_bpd": test_bpd, "recon_error": recon_error})
+                progress.write(f"step {run.step}: test bpd {test_bpd:.4f}, recon error {recon_error:.1e}")
                 run.checkpoint()
                 run.curve()
+                run.act_on_reconstruction(recon_error, warning, progress.write)
             if run.step % config["sample_every"] == 0:
                 run.samples(progress.write)
     except KeyboardInterrupt:
@@ -387,16 +416,19 @@ def finish(run):
     run.samples(print)
     print(f"evaluating on the whole test set ({len(run.test_images)} images)...", flush=True)
     test_bpd = run.evaluate()
-    run.metrics.log({"step": run.step, "test_bpd": test_bpd})
+    recon_error, warning = run.reconstruction()
+    run.metrics.log({"step": run.step, "test_bpd": test_bpd, "recon_error": recon_error})
     run.curve()
+    if warning:
+        print(warning)
     config = run.config
-    final = {"test_bpd": test_bpd, "steps": run.step, "train_time_s": time.time() - run.started,
+    final = {"test_bpd": test_bpd, "recon_error": recon_error, "steps": run.step, "train_time_s": time.time() - run.started,
              "dataset": config["dataset"], "invconv": config["invconv"],
              "coupling": config["coupling"], "n_params": run.flow.n_params(),
              "weights": "ema" if run.optimizer.ema is not None else "raw"}
     with open(os.path.join(run.out, "final.json"), "w") as file:
         json.dump(final, file, indent=2)
-    print(f"test bits/dim: {test_bpd:.4f} ({config['dataset']}, {config['invconv']}, "
+    print(f"test bits/dim: {test_bpd:.4f}, recon error {recon_error:.1e} ({config['dataset']}, {config['invconv']}, "
           f"{run.step} steps, {final['train_time_s']:.0f} s); results in {run.out}")
     return final
 

@@ -4,13 +4,17 @@
 
 By default it samples with the weights train.run sampled and evaluated with (the EMA of a run
 trained with --ema); --weights raw takes the trained weights themselves.
+
+Sampling checks its own inverse (Flow.sample, nfcore/conditioning.py): the samples' estimated
+rounding error is printed, and past --tolerance no image is written and the command fails.
 """
 import time
 
 import nfcore
+from nfcore.conditioning import SAMPLE_TOLERANCE
 
-from .cli import (BLAS_THREADS_HELP, ArgumentParser, at_least, limit_blas_threads, positive_int,
-                  run_command)
+from .cli import (BLAS_THREADS_HELP, ArgumentParser, at_least, limit_blas_threads, positive_float,
+                  positive_int, run_command)
 from .session import WEIGHTS_HELP, load_flow, save_samples
 
 
@@ -23,6 +27,10 @@ def parse_args(argv=None):
                         help="scale of the latent Gaussian, >= 0 (default 0.7; 1.0 is the model itself)")
     parser.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
     parser.add_argument("--seed", type=at_least(0), default=0, help="seed of the draw, >= 0 (default 0)")
+    parser.add_argument("--tolerance", type=positive_float, default=SAMPLE_TOLERANCE,
+                        help="largest accepted estimated rounding error of the samples, in the "
+                             "data's [-0.5, 0.5] units, > 0 (default %(default)g); past it the "
+                             "model's inverse is ill-conditioned and nothing is written")
     parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help=WEIGHTS_HELP)
     parser.add_argument("--backend", default="cpu", choices=("cpu", "gpu"))
     parser.add_argument("--blas-threads", type=positive_int, default=None, help=BLAS_THREADS_HELP)
@@ -34,9 +42,12 @@ def sample(args):
     limit_blas_threads(args.blas_threads)
     flow, meta, _ = load_flow(args.ckpt, weights=args.weights)
     started = time.time()
-    save_samples(flow, args.out, args.n, args.temperature, meta["config"]["n_bits"], args.seed)
+    save_samples(flow, args.out, args.n, args.temperature, meta["config"]["n_bits"], args.seed,
+                 tolerance=args.tolerance)
     print(f"{args.n} samples at temperature {args.temperature} ({meta['weights']} weights) in "
           f"{time.time() - started:.2f} s -> {args.out}")
+    print(f"inverse check: estimated rounding error of the samples {flow.last_sample_error:.1e} "
+          f"(tolerance {args.tolerance:g})")
 
 
 def main(argv=None):

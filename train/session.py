@@ -5,6 +5,7 @@ import numpy as np
 
 from data import iterate_test_batches, postprocess, preprocess
 from nfcore.backend import default_array_module, to_device, to_numpy
+from nfcore.conditioning import SAMPLE_TOLERANCE
 from nfcore.flow import Flow
 from nfcore.layers import NonFiniteError
 
@@ -98,15 +99,16 @@ def evaluate_bits_per_dim(flow, images, n_bits, batch_size, seed, progress=None)
     return total / count
 
 
-def sample_images(flow, n, temperature, n_bits, seed):
-    """n uint8 images (n, C, H, W) drawn at ``temperature`` with a seeded generator."""
+def sample_images(flow, n, temperature, n_bits, seed, tolerance=SAMPLE_TOLERANCE):
+    """n uint8 images (n, C, H, W) drawn at ``temperature`` with a seeded generator, checked by
+    ``Flow.sample`` to ``tolerance``."""
     rng = np.random.default_rng(seed)
-    x = flow.sample(n, temperature=temperature, rng=rng, xp=default_array_module())
+    x = flow.sample(n, temperature=temperature, rng=rng, xp=default_array_module(), tolerance=tolerance)
     return postprocess(x, n_bits)
 
 
-def save_samples(flow, path, n, temperature, n_bits, seed):
+def save_samples(flow, path, n, temperature, n_bits, seed, tolerance=SAMPLE_TOLERANCE):
     """Draw n samples and save them as a PNG grid (small images drawn larger)."""
-    images = sample_images(flow, n, temperature, n_bits, seed)
+    images = sample_images(flow, n, temperature, n_bits, seed, tolerance)
     save_image_grid(images, path, scale=max(1, 64 // images.shape[-1]))
     return images

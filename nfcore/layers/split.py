@@ -86,15 +86,20 @@ class Split(Composite):
                                "pass channels to the constructor")
         xp = get_array_module(z1)
         if z2 is None:
-            self._cache = None           # the prior conv's cache is replaced: no stale backward
-            mean, logs = self.prior_mean_logs(z1)
-            z2 = gaussian_sample(mean, logs, temperature, rng)
+            z2 = self.draw(z1, temperature, rng)
         else:
             check_images(z2, "z2")
             expected = (z1.shape[0], self.channels - self.kept) + tuple(z1.shape[2:])
             if tuple(z2.shape) != expected:
                 raise ValueError(f"z2 has shape {tuple(z2.shape)}, expected {expected}")
         return xp.concatenate([z1, z2.astype(z1.dtype, copy=False)], axis=1)
+
+    def draw(self, z1, temperature=1.0, rng=None, rows=None):
+        """z2 ~ N(mean, (T·exp(logs))²) given z1, for the first ``rows`` images of z1 (all when
+        None; the prior still runs on all of them): what ``inverse`` draws without z2."""
+        self._cache = None               # the prior conv's cache is replaced: no stale backward
+        mean, logs = self.prior_mean_logs(z1)
+        return gaussian_sample(mean[:rows], logs[:rows], temperature, rng)
 
     def backward(self, dz1, dlogdet, dz2=None):
         """dx (B, C, H, W) from dz1, dlogdet = dL/dlogp (B,) and an optional dz2."""

@@ -1,0 +1,142 @@
+"""The conditioning of the masked convolution's inverse (nfcore/conditioning.py): the measure
+flags the weights whose inverse is wrong at a given size, the sample and memory-saving checks
+raise on them and stay silent on healthy ones, and train.run logs recon_error."""
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from bench.stability import draw_off_centre_taps, noisy_invconv
+from nfcore import conditioning, reference
+from nfcore.conditioning import InverseAccuracyError, amplification, inverse_gain, is_well_conditioned
+from nfcore.flow import Flow
+from nfcore.layers import FInCUnit
+from train import run, sample
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.1, 0.2])
+def test_amplification_flags_the_ill_conditioned_rows(sigma):
+    """InvConv(k=3, C=12), off-centre taps N(0, σ²), float32, as in bench/stability.py: σ = 0.05
+    passes at every size up to 128×128; σ = 0.1 passes where its float32 error is still ~1e-5
+    (16×16, 32×32) and is flagged from 64×64 on; σ = 0.2 is flagged from 16×16 on."""
+    conv = noisy_invconv(sigma, np.float32)
+    flagged = {size: not is_well_conditioned(conv, (12, size, size)) for size in (16, 32, 64, 128)}
+    expected = {0.05: [], 0.1: [64, 128], 0.2: [16, 32, 64, 128]}[sigma]
+    assert [size for size, bad in flagged.items() if bad] == expected, flagged
+
+
+def test_amplification_is_a_property_of_the_weights_not_the_dtype():
+    """In units of each dtype's ε the same weights give about the same amplification."""
+    for size in (32, 64):
+        a32 = amplification(noisy_invconv(0.1, np.float32), (12, size, size))
+        a64 = amplification(noisy_invconv(0.1, np.float64), (12, size, size))
+        assert 0.1 < a32 / a64 < 10, (size, a32, a64)
+    assert amplification(noisy_invconv(0.1, np.float64), (12, 64, 64)) > conditioning.AMPLIFICATION_LIMIT
+
+
+def test_inverse_gain_against_a_dense_solve():
+    """max |M⁻¹v| / max |v| from the wavefront inverse equals the one from a dense LU solve of
+    the matrix written from the definition (reference.masked_conv_matrix)."""
+    conv = noisy_invconv(0.3, np.float64)
+    shape = (12, 6, 6)
+    v = np.random.default_rng(0).standard_normal((1,) + shape)
+    u = scipy.linalg.solve(reference.masked_conv_matrix(conv, 6, 6), v.ravel())
+    assert inverse_gain(conv, shape) == pytest.approx(np.abs(u).max() / np.abs(v).max(), rel=1e-9)
+    assert inverse_gain(conv, (12, 32, 32)) > 1e3 * inverse_gain(conv, shape)
+
+
+def noisy_flow(sigma, size=16):
+    """A tiny FInC flow, ActNorm initialized, FInC units' off-centre taps N(0, σ²)."""
+    flow = Flow((3, size, size), levels=2, steps=1, hidden=8, seed=0)
+    x = conditioning.random_input(flow, flow.image_shape, batch=4)
+    flow.forward(x)
+    rng = np.random.default_rng(0)
+    for layer in flow.layers:
+        if isinstance(layer, FInCUnit):
+            draw_off_centre_taps(layer, sigma, rng)
+    return flow, x
+
+
+def test_flow_amplification_at_a_larger_size_than_trained():
+    """A flow built for 16×16 measured at 64×64: σ = 0.2 is fine at its own size and flagged at
+    4×; σ = 0.05 passes both."""
+    healthy, _ = noisy_flow(0.05)
+    drifting, _ = noisy_flow(0.2)
+    assert is_well_conditioned(healthy, (3, 16, 16)) and is_well_conditioned(healthy, (3, 64, 64))
+    assert is_well_conditioned(drifting, (3, 16, 16))
+    assert not is_well_conditioned(drifting, (3, 64, 64))
+
+
+def test_sampling_checks_its_inverse():
+    healthy, _ = noisy_flow(0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # silently: no warning, no exception
+        checked = healthy.sample(6, 1.0, np.random.default_rng(3))
+    assert healthy.last_sample_error < 1e-5
+    unchecked = healthy.sample(6, 1.0, np.random.default_rng(3), tolerance=None)
+    np.testing.assert_allclose(checked, unchecked, atol=1e-6)   # the probes change no sample
+
+    # the estimate against the round trip decode(encode(x')) of a sample, where both are large
+    # enough to be read above rounding
+    mid, _ = noisy_flow(0.3)
+    x = mid.sample(6, 1.0, np.random.default_rng(3), tolerance=None)
+    round_trip = conditioning.round_trip_error(mid, x[:1])
+    mid.sample(6, 1.0, np.random.default_rng(3), tolerance=1.0)
+    assert round_trip > 1e-5 and 0.03 < mid.last_sample_error / round_trip < 30, \
+        (mid.last_sample_error, round_trip)
+
+    bad, _ = noisy_flow(0.5)
+    with pytest.raises(InverseAccuracyError, match="estimated rounding error"):
+        bad.sample(6, 1.0, np.random.default_rng(3))
+
+
+def gradients(flow, x, **kwargs):
+    for layer in flow.layers:
+        layer.zero_grad()
+    flow.loss_and_backward(x, 5, **kwargs)
+    return np.concatenate([g.ravel() for layer in flow.layers for g in layer.grads.values()])
+
+
+def test_memory_saving_backward_checks_its_inverse():
+    healthy, x = noisy_flow(0.05)
+    plain = gradients(healthy, x)
+    saving = gradients(healthy, x, recompute=True)          # passes silently
+    assert np.abs(saving - plain).max() < 1e-5 * np.abs(plain).max()
+
+    bad, x = noisy_flow(0.4, size=32)
+    plain = gradients(bad, x)
+    unchecked = gradients(bad, x, recompute=True, inverse_tolerance=None)
+    assert np.isfinite(unchecked).all()
+    assert np.abs(unchecked - plain).max() > 0.1 * np.abs(plain).max()    # finite, and wrong
+    with pytest.raises(InverseAccuracyError, match="rebuilt by the inverse"):
+        gradients(bad, x, recompute=True)
+
+
+TINY = ["--levels", "2", "--steps", "1", "--hidden", "8", "--batch-size", "32"]
+
+
+def test_train_logs_recon_error_and_can_stop_on_it(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    final = run.main(TINY + ["--max-steps", "4", "--eval-every", "2", "--sample-every", "1000",
+                             "--out", out])
+    with open(os.path.join(out, "metrics.jsonl")) as file:
+        records = [json.loads(line) for line in file]
+    errors = [r["recon_error"] for r in records if "test_bpd" in r]
+    assert len(errors) == 2 and all(0 < e < 1e-4 for e in errors), errors
+    assert final["recon_error"] == errors[-1]
+    printed = capsys.readouterr()
+    assert "step 2: test bpd" in printed.out + printed.err and "recon error" in printed.out + printed.err
+
+    sample.main(["--ckpt", os.path.join(out, "checkpoint.h5"), "--n", "4",
+                 "--out", str(tmp_path / "s.png")])
+    assert "inverse check: estimated rounding error" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit):
+        run.main(TINY + ["--max-steps", "4", "--eval-every", "2", "--out", str(tmp_path / "stop"),
+                         "--recon-threshold", "1e-12", "--stop-on-recon-error"])
+    printed = capsys.readouterr()
+    assert "warning: recon_error" in printed.out + printed.err
+    assert "error: stopping at step 2 (--stop-on-recon-error)" in printed.err
