@@ -62,7 +62,28 @@ def load_folder(folder, image_size=64):
     return images[:-n_test], images[-n_test:]
 
 
+def read_image_as_is(path, channels, height, width):
+    """One image as a (channels, height, width) uint8 array, converted to grey (channels = 1)
+    or RGB (channels = 3) but neither cropped nor resized: ValueError naming the file when it
+    is not width×height pixels."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+    except (OSError, SyntaxError) as error:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: not a readable image ({error})") from error
+    if image.size != (width, height):
+        raise ValueError(f"{path}: the image is {image.width}×{image.height} pixels, the model "
+                         f"takes {width}×{height}")
+    pixels = np.asarray(image, dtype=np.uint8)
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def celeba_folder(data_dir):
+    """The folder of CelebA's images: ``img_align_celeba`` inside ``data_dir``, or ``data_dir``."""
+    nested = os.path.join(data_dir, CELEBA_FOLDER)
+    return nested if os.path.isdir(nested) else data_dir
+
+
 def load_celeba(data_dir, image_size=64):
     """CelebA: the folder loader on ``img_align_celeba`` (``data_dir`` itself or inside it)."""
-    nested = os.path.join(data_dir, CELEBA_FOLDER)
-    return load_folder(nested if os.path.isdir(nested) else data_dir, image_size)
+    return load_folder(celeba_folder(data_dir), image_size)

@@ -1,7 +1,7 @@
-"""What the three command lines (train.run, train.sample, train.evaluate) share: an argument
-parser whose every mistake is one line, option types that check their range where they are
-parsed, the BLAS thread limit, and the rule that every expected failure ends as one line
-``error: ...`` with exit status 1 (tracebacks are left to real bugs)."""
+"""What the command lines (train.run, sample, evaluate, reconstruct, interpolate, manipulate)
+share: an argument parser whose every mistake is one line, option types that check their range
+where they are parsed, the BLAS thread limit, and the rule that every expected failure ends as
+one line ``error: ...`` with exit status 1 (tracebacks are left to real bugs)."""
 import argparse
 import errno
 import os
