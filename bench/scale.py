@@ -56,8 +56,9 @@ def worker(preset, threads, steps):
     import threadpoolctl
     from nfcore.flow import Flow
     from nfcore.optim import Adam
+    from data import preprocess_rows
     from train.distributed import (Communicator, GradientAllreduce, distributed_loss_and_backward,
-                                   initialize_actnorms, preprocess_rows)
+                                   initialize_actnorms)
 
     numba.set_num_threads(threads)
     threadpoolctl.threadpool_limits(threads, user_api="blas")

@@ -12,7 +12,7 @@ last batch may be shorter), as test bits/dim must be over the whole set.
 """
 import numpy as np
 
-from .dequantize import preprocess
+from .dequantize import preprocess_rows
 
 
 def _check_batch_size(batch_size):
@@ -33,14 +33,16 @@ class Batches:
         self.steps_per_epoch = len(images) // batch_size
         self._epoch, self._order = None, None
 
-    def __call__(self, step):
+    def __call__(self, step, rows=None):
+        """The batch of ``step``; ``rows`` (lo, hi): only its rows lo … hi − 1, with the same
+        images and noise as in the whole batch (a rank's share in data-parallel training)."""
         epoch, index = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._epoch = epoch
             self._order = np.random.default_rng([self.seed, 0, epoch]).permutation(len(self.images))
         chosen = self._order[index * self.batch_size:(index + 1) * self.batch_size]
-        noise = np.random.default_rng([self.seed, 1, step])
-        return preprocess(self.images[chosen], self.n_bits, noise)
+        lo, hi = (0, self.batch_size) if rows is None else rows
+        return preprocess_rows(self.images[chosen[lo:hi]], self.n_bits, [self.seed, 1, step], lo)
 
 
 def iterate_test_batches(x, batch_size):

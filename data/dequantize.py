@@ -35,6 +35,22 @@ def preprocess(x, n_bits, rng):
     return ((levels + noise) / 2 ** n_bits - 0.5).astype(np.float32)
 
 
+def preprocess_rows(x, n_bits, seed, first_row):
+    """``preprocess`` of uint8 images ``x`` (n, C, H, W) that are rows first_row … first_row + n − 1
+    of a batch whose noise a fresh ``default_rng(seed)`` draws for the whole batch at once.
+
+    preprocess draws one float64, i.e. one 64-bit PCG64 output, per entry in C order, so the
+    generator is advanced past the first_row·C·H·W entries of the rows before: the result
+    equals those rows of the whole batch's preprocess, bit for bit, without drawing the others'
+    noise (each rank of a data-parallel job draws its rows only).
+    """
+    rng = np.random.default_rng(seed)
+    if not isinstance(rng.bit_generator, np.random.PCG64):
+        raise RuntimeError("preprocess_rows relies on default_rng being PCG64")
+    rng.bit_generator.advance(first_row * int(np.prod(x.shape[1:])))
+    return preprocess(x, n_bits, rng)
+
+
 def postprocess(x, n_bits):
     """uint8 images from dequantized ``x``: the level floor((x + 0.5) · 2^n_bits), clipped to
     0 … 2^n_bits − 1, scaled back to 0..255. Undoes ``preprocess`` up to its noise (a value

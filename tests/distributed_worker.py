@@ -10,15 +10,15 @@ import sys
 
 import numpy as np
 
-from data import load_dataset
+from data import load_dataset, preprocess_rows
 from nfcore.flow import Flow
 from nfcore.layers import ActNorm
 from nfcore.optim import Adam
 from train.distributed import (Communicator, GradientAllreduce, abort_on_error, distributed_loss_and_backward,
-                               evaluate_bits_per_dim, initialize_actnorms, parameter_digest, preprocess_rows)
+                               evaluate_bits_per_dim, initialize_actnorms, parameter_digest)
 from train.session import evaluate_bits_per_dim as evaluate_one_process
 
-N_BITS, BATCH, STEPS, SEED = 4, 30, 10, 0     # 30 rows: unequal slices for N = 4
+N_BITS, BATCH, STEPS, SEED = 4, 32, 10, 0     # 32 rows: slices of 10, 11, 11 for N = 3
 WARMUP = 200                                 # train.run's default for digits
 
 

@@ -15,14 +15,16 @@ the comparison is over all parameters together, as the criterion is stated.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from train.distributed import preprocess_rows, rows_of_rank
-from data import preprocess
+from train.distributed import rows_of_rank
+from data import preprocess, preprocess_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,12 +48,37 @@ def _mpi_missing():
 needs_mpi = pytest.mark.skipif(_mpi_missing() is not None, reason=str(_mpi_missing()))
 
 
+ONE_THREAD = dict(PYTHONPATH=ROOT, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1",
+                  OPENBLAS_NUM_THREADS="1")
+# a small flow on digits: 10 steps, test bits/dim and a checkpoint at step 5
+TINY = ["-m", "train.run", "--levels", "2", "--steps", "2", "--hidden", "16", "--batch-size", "32",
+        "--max-steps", "10", "--eval-every", "5", "--sample-every", "1000", "--blas-threads", "1"]
+
+
 def run_mpi(n, arguments, timeout=180):
     """``mpiexec -n n python arguments...`` from the repository root, one thread per rank."""
-    environment = dict(os.environ, PYTHONPATH=ROOT, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1",
-                       OPENBLAS_NUM_THREADS="1")
     return subprocess.run([mpiexec(), "-n", str(n), sys.executable, *arguments], cwd=ROOT,
-                          env=environment, capture_output=True, text=True, timeout=timeout)
+                          env=dict(os.environ, **ONE_THREAD), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_mpmd(first, second, timeout=120):
+    """Rank 0 runs ``python first...``, rank 1 ``python second...`` (mpiexec's MPMD form)."""
+    return subprocess.run([mpiexec(), "-n", "1", sys.executable, *first, ":", "-n", "1",
+                           sys.executable, *second], cwd=ROOT, env=dict(os.environ, **ONE_THREAD),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def parameters_of(path):
+    from train.checkpoint import load_checkpoint
+    arrays, meta = load_checkpoint(str(path))
+    names = sorted(name for name in arrays if name.startswith("model/"))
+    return np.concatenate([arrays[name].astype(np.float64).ravel() for name in names]), meta
+
+
+def records(path):
+    with open(path) as file:
+        return [json.loads(line) for line in file if line.strip()]
 
 
 def test_rows_of_rank_cover_the_batch():
@@ -71,11 +98,11 @@ def test_preprocess_rows_equals_the_rows_of_the_whole_batch():
 
 
 @needs_mpi
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_ranks_reproduce_one_process(ranks):
-    """N ranks (2, and 3 for slices of unequal size) against one process on the same global
-    batches: ActNorm's initialization, the first step's gradient, the losses and the parameters
-    after 10 Adam steps, the sharded test bits/dim, and the ranks' parameters identical."""
+def test_ranks_reproduce_one_process():
+    """3 ranks (slices of 10, 11 and 11 rows) against one process on the same global batches:
+    ActNorm's initialization, the first step's gradient, the losses and the parameters after
+    10 Adam steps, the sharded test bits/dim, and the ranks' parameters identical."""
+    ranks = 3
     done = run_mpi(ranks, [os.path.join("tests", "distributed_worker.py")])
     assert done.returncode == 0, done.stdout + done.stderr
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
@@ -103,3 +130,98 @@ def test_actnorm_takes_its_statistics_from_moments_from():
         layer.forward(x)
     np.testing.assert_allclose(layer.params["bias"], -given[0])
     np.testing.assert_allclose(layer.params["logs"], -np.log(given[1] + 1e-6), rtol=1e-6)
+
+
+@needs_mpi
+def test_train_run_on_two_ranks_equals_one_process_and_resumes_on_three(tmp_path):
+    """python -m train.run, 10 steps on one process, against mpiexec -n 2 ... --distributed for
+    5 steps and its checkpoint resumed by 3 ranks for the other 5: the parameters after 10
+    steps and the test bits/dim at steps 5 and 10 agree (relative 1e-5), and rank 0 alone
+    wrote the outputs (each record once)."""
+    one, many = tmp_path / "one", tmp_path / "many"
+    done = subprocess.run([sys.executable, *TINY, "--out", str(one)], cwd=ROOT,
+                          env=dict(os.environ, **ONE_THREAD), capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = run_mpi(2, [*TINY, "--distributed", "--max-steps", "5", "--out", str(many)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("test bits/dim:") == 1          # rank 0 alone prints
+    done = run_mpi(3, [*TINY, "--distributed", "--resume", "--out", str(many)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(resumed at step 5), 3 ranks" in done.stdout
+
+    expected, _ = parameters_of(one / "checkpoint.h5")
+    got, meta = parameters_of(many / "checkpoint.h5")
+    assert meta["step"] == 10
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) <= 1e-5
+    tests_one = [(r["step"], r["test_bpd"]) for r in records(one / "metrics.jsonl") if "test_bpd" in r]
+    tests_many = [(r["step"], r["test_bpd"]) for r in records(many / "metrics.jsonl") if "test_bpd" in r]
+    assert [step for step, _ in tests_many] == [5, 10] == [step for step, _ in tests_one]
+    for (_, a), (_, b) in zip(tests_many, tests_one):
+        assert abs(a - b) / b <= 1e-5
+    final = json.loads((many / "final.json").read_text())
+    assert final["steps"] == 10 and abs(final["test_bpd"] - tests_one[-1][1]) / tests_one[-1][1] <= 1e-5
+
+
+@needs_mpi
+def test_ranks_with_different_options_end_the_job(tmp_path):
+    """Two ranks started with different --seed: one line naming the difference, exit 1."""
+    out = ["--out", str(tmp_path / "run"), "--distributed"]
+    done = run_mpmd([*TINY, *out, "--seed", "0"], [*TINY, *out, "--seed", "1"])
+    assert done.returncode == 1, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "differ in their config" in errors[0], done.stderr
+
+
+@needs_mpi
+def test_a_failing_rank_ends_the_job(tmp_path):
+    """Rank 1 fails at start (its --resume names no file) while rank 0 goes on to the first
+    collective: MPI_Abort ends both, naming rank 1 and its error, instead of a hang."""
+    out = ["--out", str(tmp_path / "run"), "--distributed"]
+    done = run_mpmd([*TINY, *out], [*TINY, *out, "--resume", str(tmp_path / "missing.h5")])
+    assert done.returncode != 0
+    assert "error: rank 1 of 2:" in done.stderr and "no checkpoint" in done.stderr, done.stderr
+
+
+@needs_mpi
+def test_a_killed_rank_ends_the_job(tmp_path):
+    """SIGKILL to rank 1 in the middle of training: mpiexec ends rank 0 too."""
+    out = tmp_path / "run"
+    job = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, *TINY, "--distributed",
+                            "--max-steps", "1000000", "--eval-every", "1000000", "--out", str(out)],
+                           cwd=ROOT, env=dict(os.environ, **ONE_THREAD), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        rank_1 = None
+        for _ in range(600):                     # until training has started (rank 0 wrote)
+            if (out / "metrics.jsonl").exists():
+                rank_1 = _rank_pid(1, str(out))
+                if rank_1 is not None:
+                    break
+            time.sleep(0.1)
+        assert rank_1 is not None, "the job did not start"
+        time.sleep(1.0)
+        os.kill(rank_1, signal.SIGKILL)
+        job.wait(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode != 0
+
+
+def _rank_pid(rank, marker):
+    """The pid of the process of MPI rank ``rank`` whose command line holds ``marker``."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as file:
+                command = file.read().decode(errors="replace")
+            with open(f"/proc/{pid}/environ", "rb") as file:
+                environment = file.read().split(b"\0")
+        except OSError:
+            continue
+        if marker in command and "train.run" in command and f"PMI_RANK={rank}".encode() in environment:
+            return int(pid)
+    return None

@@ -47,7 +47,7 @@ import time
 
 import numpy as np
 
-from data import iterate_test_batches, preprocess
+from data import iterate_test_batches, preprocess_rows
 from nfcore.backend import get_array_module, to_device, to_numpy
 from nfcore.layers import NonFiniteError
 from nfcore.layers.actnorm import moments_from
@@ -66,21 +66,6 @@ def rows_of_rank(batch_size, rank, size):
     """[lo, hi): the rows of a batch of ``batch_size`` that rank ``rank`` of ``size`` takes,
     lo = ⌊rank·B/size⌋ (contiguous, sizes differing by at most one, covering the batch)."""
     return batch_size * rank // size, batch_size * (rank + 1) // size
-
-
-def preprocess_rows(images, n_bits, seed, first_row):
-    """``preprocess`` of uint8 ``images`` (n, C, H, W), rows first_row … first_row + n − 1 of a
-    batch whose noise a fresh ``default_rng(seed)`` draws for the whole batch at once.
-
-    preprocess draws one float64, i.e. one 64-bit PCG64 output, per entry in C order, so the
-    generator is advanced past the first_row·C·H·W entries of the rows before; the result
-    equals the same rows of the whole batch's preprocess, bit for bit.
-    """
-    rng = np.random.default_rng(seed)
-    if not isinstance(rng.bit_generator, np.random.PCG64):
-        raise RuntimeError("preprocess_rows relies on default_rng being PCG64")
-    rng.bit_generator.advance(first_row * int(np.prod(images.shape[1:])))
-    return preprocess(images, n_bits, rng)
 
 
 def code_digest(root=None):
@@ -274,18 +259,35 @@ def initialize_actnorms(flow, communicator, x_local):
 
 def distributed_loss_and_backward(flow, x_local, n_bits, global_batch, reducer, recompute=False):
     """The global batch's mean bits/dim; every layer's grads then hold its gradient, the same
-    on every rank. Raises NonFiniteError on every rank alike when any rank's loss or gradient
-    is NaN/Inf."""
-    try:
-        loss, _ = flow.loss_and_backward(x_local, n_bits, recompute=recompute)
-        if not np.isfinite(loss):
+    on every rank. Raises NonFiniteError on every rank alike when any rank's batch, loss or
+    gradient holds NaN/Inf (every rank still takes part in the Allreduce)."""
+    loss = None
+    if get_array_module(x_local).isfinite(x_local).all():
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):      # reported below instead
+                loss, _ = flow.loss_and_backward(x_local, n_bits, recompute=recompute)
+            if not np.isfinite(loss):
+                loss = None
+        except (NonFiniteError, FloatingPointError):
             loss = None
-    except NonFiniteError:
-        loss = None
     global_loss = reducer.reduce(x_local.shape[0] / global_batch, loss)
     if not np.isfinite(global_loss):
-        raise NonFiniteError(f"the loss is {global_loss} on at least one rank")
+        raise NonFiniteError("NaN/Inf in the batch or the flow on at least one rank (bad input "
+                             "data or a diverged model)")
     return global_loss
+
+
+def load_data(communicator, load, download):
+    """``load()`` on every rank; with ``download``, rank 0 first (it fetches the files) and
+    the others once it is done, so that no two ranks write the same file."""
+    if not download:
+        return load()
+    if communicator.is_root:
+        data = load()
+    communicator.comm.Barrier()
+    if not communicator.is_root:
+        data = load()
+    return data
 
 
 def evaluate_bits_per_dim(flow, images, n_bits, batch_size, seed, communicator):
@@ -307,12 +309,15 @@ def evaluate_bits_per_dim(flow, images, n_bits, batch_size, seed, communicator):
 @contextlib.contextmanager
 def abort_on_error(communicator):
     """Within the block, an exception on this rank ends the whole job (MPI_Abort) after one
-    line naming it; RanksDisagree, raised on every rank alike, and a clean SystemExit(0) end
-    the block normally."""
+    line naming it. RanksDisagree, raised on every rank alike, ends each rank without MPI_Abort
+    (rank 0 passes it on, to be reported once; the others exit with status 1); so does a clean
+    SystemExit(0)."""
     try:
         yield
     except RanksDisagree:
-        raise
+        if communicator.is_root:
+            raise
+        raise SystemExit(1) from None
     except SystemExit as stop:
         if stop.code in (None, 0):
             raise

@@ -37,6 +37,7 @@ from nfcore.conditioning import InverseAccuracyError
 from nfcore.layers import NonFiniteError
 from nfcore.optim import Adam
 
+from . import distributed
 from .checkpoint import remove_stale_temporaries
 from .cli import (BLAS_THREADS_HELP, ArgumentParser, at_least, in_range, limit_blas_threads,
                   positive_float, positive_int, run_command)
@@ -137,6 +138,12 @@ def parse_args(argv=None):
     add("--seed", type=at_least(0), help="seed of weights, data order and noise, >= 0 (default 0)")
     add("--backend", default="cpu", choices=("cpu", "gpu"), help="cpu (NumPy + Numba) or gpu (CuPy)")
     add("--blas-threads", type=positive_int, default=None, help=BLAS_THREADS_HELP)
+    add("--distributed", action="store_true",
+        help="data-parallel training over MPI, started as mpiexec -n N python -m train.run "
+             "--distributed ... (needs pip install -e '.[mpi]'): --batch-size stays the global "
+             "batch, split over the N ranks; one gradient Allreduce per step (NCCL on --backend "
+             "gpu, one GPU per rank); rank 0 alone writes --out; the same result for any N "
+             "(train/distributed.py)")
     args = parser.parse_args(argv)
     args.given = {key for key, value in vars(args).items() if value is not None}
     for key, value in FIXED_DEFAULTS.items():
@@ -192,14 +199,16 @@ def prepare_out(out):
 class Metrics:
     """The run's log: one JSON record per line in ``path``, also kept in ``records``."""
 
-    def __init__(self, path):
-        self.path, self.records = path, []
+    def __init__(self, path, write=True):
+        self.path, self.records, self.write = path, [], write     # write: False on ranks > 0
 
     def restart(self, until_step):
         """Keep the records of a resumed run up to its checkpoint's step and rewrite the file.
         A torn last line (a crash mid-write) is dropped with a note; a bad line elsewhere is an
         error naming the file and the line."""
         records = []
+        if not self.write:
+            return
         if os.path.exists(self.path):
             with open(self.path) as file:
                 lines = [line for line in file.read().split("\n") if line.strip()]
@@ -220,6 +229,8 @@ class Metrics:
 
     def log(self, record):
         self.records.append(record)
+        if not self.write:
+            return
         with open(self.path, "a") as file:
             file.write(json.dumps(record) + "\n")
 
@@ -231,7 +242,10 @@ class Metrics:
 class Run:
     """A run's model, optimizer, data and outputs, and what it does at its milestones."""
 
-    def __init__(self, args):
+    def __init__(self, args, communicator=None):
+        """``communicator``: this rank's train.distributed.Communicator, or None (one process)."""
+        self.communicator = communicator
+        self.writes = communicator is None or communicator.is_root   # rank 0 alone writes, prints
         self.out = args.out
         self.checkpoint_path = os.path.join(args.out, "checkpoint.h5")
         resume_path = None
@@ -250,23 +264,33 @@ class Run:
         config = self.config
         dataset = config["dataset"] if self.resumed else args.dataset
         image_size = config["image_size"] if self.resumed else args.image_size
-        train_images, self.test_images = load_dataset(dataset, args.data_dir, args.download,
-                                                      image_size)
+        def load():
+            return load_dataset(dataset, args.data_dir, args.download, image_size)
+        train_images, self.test_images = load() if communicator is None else \
+            distributed.load_data(communicator, load, args.download)
         if not self.resumed:
             config = self.config = make_config(args, train_images.shape[1:])
             self.flow = build_flow(config)
-        prepare_out(args.out)
-        removed = remove_stale_temporaries(self.checkpoint_path)
-        if removed:
-            print(f"note: removed {len(removed)} temporary file(s) a killed save left in {args.out}",
-                  file=sys.stderr)
-        with open(os.path.join(args.out, "config.json"), "w") as file:
-            json.dump(config, file, indent=2)
+        if communicator is not None:
+            communicator.check_same("code", distributed.code_digest())
+            communicator.check_same("config", distributed.config_digest(config))
+        if self.writes:
+            prepare_out(args.out)
+            removed = remove_stale_temporaries(self.checkpoint_path)
+            if removed:
+                print(f"note: removed {len(removed)} temporary file(s) a killed save left in "
+                      f"{args.out}", file=sys.stderr)
+            with open(os.path.join(args.out, "config.json"), "w") as file:
+                json.dump(config, file, indent=2)
 
         self.batches = Batches(train_images, config["batch_size"], config["n_bits"], config["seed"])
+        self.rows = None if communicator is None else communicator.rows(config["batch_size"])
         self.max_steps = config["max_steps"] or config["epochs"] * self.batches.steps_per_epoch
         if not self.resumed:      # data-dependent initialization (ActNorm) on the first batch
-            self.flow.forward(to_device(self.batches(0)))
+            if communicator is None:
+                self.flow.forward(self.batch(0))
+            else:                 # from the global batch's statistics
+                distributed.initialize_actnorms(self.flow, communicator, self.batch(0))
         self.optimizer = Adam(self.flow.layers, lr=config["lr"], warmup_steps=config["warmup"],
                               max_grad_norm=config["max_grad_norm"], ema_decay=config["ema"])
         if self.resumed:
@@ -274,9 +298,12 @@ class Run:
         self.recon_x = reconstruction_batch(self.test_images, config["batch_size"], config["n_bits"],
                                             config["seed"])
         self.recon_threshold, self.stop_on_recon = args.recon_threshold, args.stop_on_recon_error
-        self.metrics = Metrics(os.path.join(args.out, "metrics.jsonl"))
+        if communicator is not None:
+            communicator.check_same("parameters", distributed.parameter_digest(self.flow.layers))
+            self.reducer = distributed.GradientAllreduce(self.flow.layers, communicator)
+        self.metrics = Metrics(os.path.join(args.out, "metrics.jsonl"), write=self.writes)
         self.metrics.restart(self.step if self.resumed else -1)
-        if changes:
+        if changes and self.writes:
             self.metrics.log({"step": self.step, "resumed_with": {k: new for k, (_, new) in changes.items()}})
             print("resumed with changed training options: " + ", ".join(
                 f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items()))
@@ -287,12 +314,25 @@ class Run:
         return (f"nfcore: {c['dataset']} {tuple(c['image_shape'])}, {c['invconv']} + "
                 f"{c['coupling']} coupling, L={c['levels']} K={c['steps']} hidden={c['hidden']}, "
                 f"{self.flow.n_params():,} parameters, {self.max_steps} steps, out: {self.out}"
-                + (f" (resumed at step {self.step})" if self.resumed else ""))
+                + (f" (resumed at step {self.step})" if self.resumed else "")
+                + (f", {self.communicator.size} ranks" if self.communicator is not None else ""))
+
+    def batch(self, step):
+        """The batch of ``step`` on the device; with N ranks, this rank's rows of it."""
+        return to_device(self.batches(step, self.rows))
 
     def train_step(self, x):
         """One optimizer step on batch x: (mean bits/dim, gradient norm). Raises NonFiniteError
         naming the cause, bad data or a diverged model, and then changes no parameter."""
         self.optimizer.zero_grad()
+        if self.communicator is not None:     # the global batch's loss and gradient, on every rank
+            loss = distributed.distributed_loss_and_backward(
+                self.flow, x, self.config["n_bits"], self.config["batch_size"], self.reducer,
+                recompute=self.config.get("recompute", False))
+            try:
+                return loss, self.optimizer.step()
+            except FloatingPointError as error:
+                raise NonFiniteError(f"the model diverged, NaN/Inf in the flow: {error}") from None
         if not get_array_module(x).isfinite(x).all():
             raise NonFiniteError("the training batch holds NaN/Inf (bad input data)")
         try:                                 # the batch is finite: a NaN/Inf is divergence
@@ -306,11 +346,21 @@ class Run:
             raise NonFiniteError(f"the model diverged, NaN/Inf in the flow: {error}") from None
 
     def checkpoint(self):
+        if not self.writes:
+            return
         save_training_checkpoint(self.checkpoint_path, self.flow, self.optimizer,
                                  {"config": self.config, "step": self.step})
 
     def evaluate(self):
-        """Test bits/dim over the whole test set, with the EMA weights when the run keeps them."""
+        """Test bits/dim over the whole test set, with the EMA weights when the run keeps them.
+        With N ranks: each test batch split over them, after checking that their parameters
+        are still identical."""
+        if self.communicator is not None:
+            self.communicator.check_same("parameters", distributed.parameter_digest(self.flow.layers))
+            with self.optimizer.ema_parameters():
+                return distributed.evaluate_bits_per_dim(
+                    self.flow, self.test_images, self.config["n_bits"], self.config["batch_size"],
+                    self.config["seed"], self.communicator)
         with self.optimizer.ema_parameters():
             return evaluate_bits_per_dim(self.flow, self.test_images, self.config["n_bits"],
                                          self.config["batch_size"], self.config["seed"])
@@ -332,6 +382,8 @@ class Run:
 
     def samples(self, say):
         """Sample grids at each of TEMPERATURES; a draw that overflows is logged, not fatal."""
+        if not self.writes:
+            return
         seed = self.config["seed"]
         with self.optimizer.ema_parameters():
             for temperature in TEMPERATURES:
@@ -344,6 +396,8 @@ class Run:
                     say(f"step {self.step}: {error}")
 
     def curve(self):
+        if not self.writes:
+            return
         save_curve({"train": self.metrics.series("train_bpd"),
                     "test": self.metrics.series("test_bpd")}, os.path.join(self.out, "bpd.png"))
 
@@ -361,27 +415,28 @@ def train_loop(run, time_budget=None):
     config = run.config
     bad_in_a_row, window = 0, []
     progress = tqdm(total=run.max_steps, initial=run.step, desc="train", unit="step",
-                    dynamic_ncols=True, disable=None)
+                    dynamic_ncols=True, disable=None if run.writes else True)
+    say = progress.write if run.writes else (lambda text: None)
     try:
         while run.step < run.max_steps:
             if time_budget and time.time() - run.started > time_budget:
-                progress.write(f"time budget of {time_budget:.0f} s reached at step {run.step}")
+                say(f"time budget of {time_budget:.0f} s reached at step {run.step}")
                 break
             tick = time.time()
-            x = to_device(run.batches(run.step))
+            x = run.batch(run.step)
             try:
                 loss, grad_norm = run.train_step(x)
                 bad_in_a_row = 0
             except (NonFiniteError, FloatingPointError, InverseAccuracyError) as error:
                 bad_in_a_row += 1
                 run.metrics.log({"step": run.step, "skipped": str(error)})
-                progress.write(f"step {run.step}: skipped ({error})")
+                say(f"step {run.step}: skipped ({error})")
                 if bad_in_a_row >= MAX_BAD_STEPS:
                     run.stop_for_bad_steps(bad_in_a_row)
                 run.step += 1
                 continue
             run.step += 1
-            window.append((loss, len(x) / (time.time() - tick)))
+            window.append((loss, run.batches.batch_size / (time.time() - tick)))
             progress.update(1)
             progress.set_postfix(bpd=f"{loss:.3f}", img_s=f"{window[-1][1]:.0f}")
             if run.step % 10 == 0 or run.step == run.max_steps:
@@ -396,14 +451,14 @@ def train_loop(run, time_budget=None):
                 test_bpd = run.evaluate()
                 recon_error, warning = run.reconstruction()
                 run.metrics.log({"step": run.step, "test_bpd": test_bpd, "recon_error": recon_error})
-                progress.write(f"step {run.step}: test bpd {test_bpd:.4f}, recon error {recon_error:.1e}")
+                say(f"step {run.step}: test bpd {test_bpd:.4f}, recon error {recon_error:.1e}")
                 run.checkpoint()
                 run.curve()
-                run.act_on_reconstruction(recon_error, warning, progress.write)
+                run.act_on_reconstruction(recon_error, warning, say)
             if run.step % config["sample_every"] == 0:
-                run.samples(progress.write)
+                run.samples(say)
     except KeyboardInterrupt:
-        progress.write(f"interrupted at step {run.step}: saving a checkpoint to resume from")
+        say(f"interrupted at step {run.step}: saving a checkpoint to resume from")
         run.checkpoint()
         raise SystemExit(130)
     finally:
@@ -413,31 +468,42 @@ def train_loop(run, time_budget=None):
 def finish(run):
     """The last checkpoint, samples, test bits/dim over the whole test set, final.json."""
     run.checkpoint()
-    run.samples(print)
-    print(f"evaluating on the whole test set ({len(run.test_images)} images)...", flush=True)
+    say = print if run.writes else (lambda *text, **options: None)
+    run.samples(say)
+    say(f"evaluating on the whole test set ({len(run.test_images)} images)...", flush=True)
     test_bpd = run.evaluate()
     recon_error, warning = run.reconstruction()
     run.metrics.log({"step": run.step, "test_bpd": test_bpd, "recon_error": recon_error})
     run.curve()
     if warning:
-        print(warning)
+        say(warning)
     config = run.config
     final = {"test_bpd": test_bpd, "recon_error": recon_error, "steps": run.step, "train_time_s": time.time() - run.started,
              "dataset": config["dataset"], "invconv": config["invconv"],
              "coupling": config["coupling"], "n_params": run.flow.n_params(),
              "weights": "ema" if run.optimizer.ema is not None else "raw"}
-    with open(os.path.join(run.out, "final.json"), "w") as file:
-        json.dump(final, file, indent=2)
-    print(f"test bits/dim: {test_bpd:.4f}, recon error {recon_error:.1e} ({config['dataset']}, {config['invconv']}, "
+    if run.writes:
+        with open(os.path.join(run.out, "final.json"), "w") as file:
+            json.dump(final, file, indent=2)
+    say(f"test bits/dim: {test_bpd:.4f}, recon error {recon_error:.1e} ({config['dataset']}, {config['invconv']}, "
           f"{run.step} steps, {final['train_time_s']:.0f} s); results in {run.out}")
     return final
 
 
 def train(args):
+    if args.distributed:
+        communicator = distributed.Communicator(args.backend)   # picks this rank's GPU first
+        with distributed.abort_on_error(communicator):
+            return train_on(args, communicator)
+    return train_on(args)
+
+
+def train_on(args, communicator=None):
     nfcore.set_backend(args.backend)
     limit_blas_threads(args.blas_threads)
-    run = Run(args)
-    print(run.describe(), flush=True)
+    run = Run(args, communicator)
+    if run.writes:
+        print(run.describe(), flush=True)
     train_loop(run, args.time_budget)
     return finish(run)
 
