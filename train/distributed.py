@@ -170,7 +170,9 @@ class Communicator:
         """Print ``message`` (naming this rank) and end every rank of the job."""
         print(f"error: rank {self.rank} of {self.size}: {message}; ending all ranks",
               file=sys.stderr, flush=True)
+        sys.stdout.flush()
         self.comm.Abort(code)
+        os._exit(code)      # MPICH's MPI_Abort can return in the calling rank (ending the others)
 
 
 class NcclAllreduce:
