@@ -29,7 +29,6 @@ overlap (the larger of the two).
 """
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
