@@ -99,8 +99,8 @@ def test_nan_steps_are_skipped_then_the_run_stops_keeping_the_last_checkpoint(tm
     before, _ = model_arrays(os.path.join(out, "checkpoint.h5"))
     real_batches = Batches.__call__
 
-    def poisoned(self, step):
-        x = real_batches(self, step)
+    def poisoned(self, step, rows=None):
+        x = real_batches(self, step, rows)
         x[0, 0, 0, 0] = np.nan
         return x
 
