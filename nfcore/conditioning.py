@@ -204,8 +204,9 @@ class SensitivityProbe:
         """h with its two probe rows pushed apart, in place (h is an inverse's fresh output)."""
         xp = get_array_module(h)
         with np.errstate(over="ignore", invalid="ignore"):
-            scale = PERTURBATION * float(xp.abs(h[self.n:]).max())
-            delta = xp.asarray(scale * self.rng.standard_normal(h.shape[1:]), dtype=h.dtype)
+            # the scale stays on the device (float64, as a Python float would be): no wait
+            scale = PERTURBATION * xp.abs(h[self.n:]).max().astype(xp.float64)
+            delta = (scale * xp.asarray(self.rng.standard_normal(h.shape[1:]))).astype(h.dtype)
             h[self.n] += delta
             h[self.n + 1] -= delta
         return h

@@ -34,6 +34,7 @@ from .conditioning import (RECOMPUTE_TOLERANCE, SAMPLE_TOLERANCE, InputFingerpri
                            SensitivityProbe)
 from .layers import (ActNorm, NonFiniteError, AffineCoupling, Conv1x1, EmergingConv, FInCUnit, InvConv,
                      QuadCoupling, Split, Squeeze)
+from .layers.base import check_finite, finite_checks_deferred
 from .layers.prior import GaussianPrior
 from .objective import bits_per_dim
 
@@ -65,6 +66,11 @@ class Flow:
     """A multi-scale normalizing flow: a list of invertible layers and a Gaussian top prior.
 
     ``layers`` is what the optimizer and the checkpoints see (each with params and grads).
+
+    NaN and Inf are checked once per call, not in every layer (on a GPU each check waits for
+    the device, see layers/base.py): forward checks its input and outputs, loss_and_backward
+    its input and the loss before the backward pass, inverse its latents and the result. Each
+    raises NonFiniteError naming what held them.
     """
 
     def __init__(self, image_shape, levels=3, steps=32, hidden=512, invconv="finc",
@@ -97,7 +103,15 @@ class Flow:
         ``keep_caches=False`` drops each layer's cache right after it ran (memory-saving mode)
         and keeps instead two numbers per sample of each layer's input in
         ``self.input_fingerprints`` (``conditioning.InputFingerprints``), against which the
-        memory-saving backward checks the inputs it rebuilds."""
+        memory-saving backward checks the inputs it rebuilds. One NaN/Inf check, on x, z_top
+        and logdet together."""
+        with finite_checks_deferred():
+            z, logdet = self._forward(x, keep_caches)
+        check_finite({"x": x, "z_top": z, "logdet": logdet})
+        return z, logdet
+
+    def _forward(self, x, keep_caches=True):
+        """forward without its NaN/Inf check (the layers check their inputs unless deferred)."""
         xp = get_array_module(x)
         logdet = xp.zeros(x.shape[0], dtype=x.dtype)
         h = x
@@ -113,13 +127,19 @@ class Flow:
 
     def log_prob(self, x):
         """(B,) log p(x) in nats, for dequantized images x (B, C, H, W)."""
-        z, logdet = self.forward(x)
-        return self.prior.forward(z) + logdet
+        with finite_checks_deferred():
+            z, logdet = self._forward(x)
+            log_p = self.prior.forward(z) + logdet
+        check_finite({"x": x, "log p(x)": log_p})
+        return log_p
 
     def bits_per_dim(self, x, n_bits):
         """(B,) bits per dimension of dequantized n_bits-bit images x."""
-        z, logdet = self.forward(x)
-        return bits_per_dim(self.prior.forward(z), logdet, self.n_dims, n_bits)
+        with finite_checks_deferred():
+            z, logdet = self._forward(x)
+            bpd = bits_per_dim(self.prior.forward(z), logdet, self.n_dims, n_bits)
+        check_finite({"x": x, "bits/dim": bpd})
+        return bpd
 
     def loss_and_backward(self, x, n_bits, recompute=False, inverse_tolerance=RECOMPUTE_TOLERANCE):
         """The mean bits/dim of the batch, and its gradient added into every layer's grads.
@@ -141,41 +161,49 @@ class Flow:
         wrong gradient reaches the optimizer (the trainer skips the step).
         """
         B = x.shape[0]
-        z, logdet = self.forward(x, keep_caches=not recompute)
-        bpd = bits_per_dim(self.prior.forward(z), logdet, self.n_dims, n_bits)
+        with finite_checks_deferred():
+            z, logdet = self._forward(x, keep_caches=not recompute)
+            bpd = bits_per_dim(self.prior.forward(z), logdet, self.n_dims, n_bits)
+        # the step's one NaN/Inf check, before any gradient is touched; the loss comes with it
+        loss = check_finite({"x": x, "the loss (bits/dim)": bpd}, fetch=bpd.mean())
         xp = get_array_module(x)
         dlogdet = xp.full(B, -1.0 / (B * self.n_dims * math.log(2)), dtype=x.dtype)
         dh = self.prior.backward(dlogdet)          # d loss / d log p(z) = d loss / d logdet
         h = z
-        for index in reversed(range(len(self.layers))):
-            layer = self.layers[index]
-            if recompute:
-                h = layer.inverse(h, z2=layer.z2) if isinstance(layer, Split) else layer.inverse(h)
-                if inverse_tolerance is not None:
-                    error = self.input_fingerprints.error(index, h)
-                    if error > inverse_tolerance:
-                        raise InverseAccuracyError(
-                            f"memory-saving backward: the input of layer {index} "
-                            f"({type(layer).__name__}) rebuilt by the inverse is off by a relative "
-                            f"{error:.1e} (tolerance {inverse_tolerance:g}); its gradients would "
-                            f"be wrong. The model's inverse is ill-conditioned: train without "
-                            f"--recompute, or with the conditioning guard")
-                layer.forward(h)
-            dh = layer.backward(dh, dlogdet)
-            if recompute:
-                layer.release()
-        return float(bpd.mean()), bpd
+        with finite_checks_deferred():
+            for index in reversed(range(len(self.layers))):
+                layer = self.layers[index]
+                if recompute:
+                    h = layer.inverse(h, z2=layer.z2) if isinstance(layer, Split) else layer.inverse(h)
+                    if inverse_tolerance is not None:
+                        error = self.input_fingerprints.error(index, h)
+                        if error > inverse_tolerance:
+                            raise InverseAccuracyError(
+                                f"memory-saving backward: the input of layer {index} "
+                                f"({type(layer).__name__}) rebuilt by the inverse is off by a "
+                                f"relative {error:.1e} (tolerance {inverse_tolerance:g}); its "
+                                f"gradients would be wrong. The model's inverse is "
+                                f"ill-conditioned: train without --recompute, or with the "
+                                f"conditioning guard")
+                    layer.forward(h)
+                dh = layer.backward(dh, dlogdet)
+                if recompute:
+                    layer.release()
+        return loss, bpd
 
     # ---- sampling and reconstruction -----------------------------------------------------
     def encode(self, x):
         """All latents of x: [z2 of each Split, ..., z_top], enough to rebuild x exactly."""
         latents = []
         h = x
-        for layer in self.layers:
-            h, _ = layer.forward(h)
-            if isinstance(layer, Split):
-                latents.append(layer.z2)
-        return latents + [h]
+        with finite_checks_deferred():
+            for layer in self.layers:
+                h, _ = layer.forward(h)
+                if isinstance(layer, Split):
+                    latents.append(layer.z2)
+        latents.append(h)
+        check_finite({"x": x, **{f"latent {index}": z for index, z in enumerate(latents)}})
+        return latents
 
     def decode(self, latents):
         """x from the latents of ``encode`` (exact inverse)."""
@@ -227,26 +255,33 @@ class Flow:
         n = len(z_top)
         self._probe = SensitivityProbe(n)
         h = self._probe.extend(z_top)
-        for layer in reversed(self.layers):
-            h = self._probe.perturb(h)
-            if isinstance(layer, Split):
-                z2 = self._probe.extend(layer.draw(h, temperature, rng, rows=n))
-                h = layer.inverse(h, z2=z2)
-            else:
-                h = layer.inverse(h)
+        with finite_checks_deferred():
+            for layer in reversed(self.layers):
+                h = self._probe.perturb(h)
+                if isinstance(layer, Split):
+                    z2 = self._probe.extend(layer.draw(h, temperature, rng, rows=n))
+                    h = layer.inverse(h, z2=z2)
+                else:
+                    h = layer.inverse(h)
+        check_finite({"z_top": z_top, "x": h})
         return h
 
     def inverse(self, z_top, split_latents=None, temperature=1.0, rng=None):
         """x from z_top, walking the layers backwards. Each Split takes its z2 from
-        ``split_latents`` (in forward order) or, when None, draws it from its prior."""
+        ``split_latents`` (in forward order) or, when None, draws it from its prior.
+        One NaN/Inf check, on the latents and x together."""
         given = list(split_latents) if split_latents is not None else None
+        latents = {"z_top": z_top, **{f"latent {index}": z
+                                      for index, z in enumerate(split_latents or [])}}
         h = z_top
-        for layer in reversed(self.layers):
-            if isinstance(layer, Split):
-                z2 = given.pop() if given is not None else None
-                h = layer.inverse(h, z2=z2, temperature=temperature, rng=rng)
-            else:
-                h = layer.inverse(h)
+        with finite_checks_deferred():
+            for layer in reversed(self.layers):
+                if isinstance(layer, Split):
+                    z2 = given.pop() if given is not None else None
+                    h = layer.inverse(h, z2=z2, temperature=temperature, rng=rng)
+                else:
+                    h = layer.inverse(h)
+        check_finite({**latents, "x": h})
         return h
 
     # ---- state ---------------------------------------------------------------------------

@@ -87,10 +87,15 @@ class Adam:
         return self.lr * min(1.0, step / self.warmup_steps)
 
     def grad_norm(self):
-        """The global L2 norm of all gradients together, as a Python float."""
-        total = sum(float(get_array_module(g).sum(g.astype(np.float64) ** 2))
-                    for _, g in self._named_grads())
-        return math.sqrt(total)
+        """The global L2 norm of all gradients together, as a Python float.
+
+        The squares are summed on the gradients' device, in float64, and brought to the host
+        once (one device→host wait per step on a GPU, not one per parameter)."""
+        squares = [get_array_module(g).sum(g.astype(np.float64) ** 2) for _, g in self._named_grads()]
+        if not squares:
+            return 0.0
+        xp = get_array_module(squares[0])
+        return math.sqrt(float(xp.stack(squares).sum()))
 
     def step(self):
         """One Adam update of every parameter, in place. Returns the pre-clip gradient norm.

@@ -122,6 +122,7 @@ def test_bad_configuration_errors():
 
 def test_sampling_that_overflows_says_so(monkeypatch):
     flow = small_flow("glow1x1", "affine", dtype=np.float32)
+    flow.forward(images(np.random.default_rng(0)).astype(np.float32))   # ActNorm initialized
     top_layer = flow.layers[-1]
     monkeypatch.setattr(top_layer, "inverse", lambda y: np.full_like(y, np.inf))
     with pytest.raises(ValueError, match="sampling diverged at temperature 1.0.*lower temperature"):

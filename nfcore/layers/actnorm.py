@@ -31,7 +31,7 @@ Backward::
 import contextlib
 
 from ..backend import get_array_module
-from .base import Layer, check_gradient, check_images
+from .base import Layer, check_finite, check_gradient, check_images, check_same_device
 
 EPS = 1e-6
 _moments = None      # set by moments_from: x -> (mean (C,), std (C,)) of the whole batch
@@ -104,6 +104,7 @@ class ActNorm(Layer):
         self._prepare(x, "x")
         xp = get_array_module(x)
         if not self.initialized:
+            check_finite({"x": x})    # even inside Flow's deferred checks: NaN would stay
             self.initialize(x)
         bias, logs = self._bias_logs(x.dtype)
         self._cache = x
@@ -111,6 +112,7 @@ class ActNorm(Layer):
 
     def inverse(self, y):
         """x = y * exp(-logs) - bias. Refused before initialization (see the module docstring)."""
+        check_same_device(y, self.params, "y")
         check_images(y, "y", self.channels)
         if not self.initialized:
             raise RuntimeError("ActNorm.inverse called before initialization: run forward on a "

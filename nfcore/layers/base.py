@@ -8,10 +8,20 @@ The layer contract (docs/design.md)::
 
 ``params`` maps a name to an array; ``grads`` has the same keys and shapes and is accumulated
 with ``+=`` by ``backward`` and zeroed by the optimizer (``zero_grad``).
+
+NaN and Inf. A layer called on its own refuses non-finite input (``check_images``). Testing
+finiteness means bringing a flag from the device to the host, which on a GPU waits for all the
+work queued before it; once per layer, that stalls the GPU at every layer. So ``Flow`` runs its
+layers inside ``finite_checks_deferred()``, where the layers skip that test, and checks once
+per call on what matters (``check_finite``: the input and the loss, or the samples).
 """
+import contextlib
+
 import numpy as np
 
-from ..backend import default_array_module, get_array_module
+from ..backend import default_array_module, get_array_module, is_cupy_array, to_numpy
+
+_deferred_depth = 0   # > 0 inside finite_checks_deferred()
 
 
 class Layer:
@@ -34,6 +44,7 @@ class Layer:
 
     def _prepare(self, x, name):
         """Check an input, and build the parameters from its channel count on first use."""
+        check_same_device(x, self.params, name)
         check_images(x, name, self.channels)
         if self.channels is None:
             self._build(x.shape[1], get_array_module(x), self.dtype or x.dtype)
@@ -81,8 +92,52 @@ def check_images(x, name="x", channels=None, finite=True):
         raise ValueError(f"{name} has an empty dimension: shape {tuple(x.shape)}")
     if channels is not None and C != channels:
         raise ValueError(f"{name} has {C} channels but the layer was built for {channels}")
-    if finite and not bool(get_array_module(x).isfinite(x).all()):
-        raise NonFiniteError(f"{name} contains NaN or Inf")
+    if finite and not _deferred_depth:
+        check_finite({name: x})
+
+
+def check_finite(arrays, fetch=None):
+    """Raise NonFiniteError naming the first of ``arrays`` (name -> array, all on one device)
+    that holds NaN or Inf. One device→host transfer for all of them: the flags are computed on
+    the device and brought back together, with ``fetch`` (a 0-d array, e.g. the loss) when
+    given, whose value is returned as a Python float."""
+    xp = get_array_module(next(iter(arrays.values())))
+    values = [xp.isfinite(array).all().astype(np.float64) for array in arrays.values()]
+    if fetch is not None:
+        values.append(fetch.astype(np.float64))
+    on_host = to_numpy(xp.stack(values))
+    for name, finite in zip(arrays, on_host):
+        if not finite:
+            raise NonFiniteError(f"{name} contains NaN or Inf")
+    return float(on_host[-1]) if fetch is not None else None
+
+
+@contextlib.contextmanager
+def finite_checks_deferred():
+    """Inside, ``check_images`` skips its NaN/Inf test (and NumPy does not warn about
+    overflows): the caller promises one ``check_finite`` on what the layers computed."""
+    global _deferred_depth
+    _deferred_depth += 1
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            yield
+    finally:
+        _deferred_depth -= 1
+
+
+def check_same_device(x, params, name="x"):
+    """Raise a clear TypeError when ``x`` and the layer's parameters live on different devices
+    (a NumPy weight with a CuPy input, or the reverse), instead of an error deep in a kernel."""
+    if not params:
+        return
+    x_on_gpu = is_cupy_array(x)
+    for param_name, param in params.items():
+        if is_cupy_array(param) != x_on_gpu:
+            where = {True: "a CuPy (GPU) array", False: "a NumPy (CPU) array"}
+            raise TypeError(f"{name} is {where[x_on_gpu]} but the layer's parameter "
+                            f"{param_name!r} is {where[not x_on_gpu]}: build the layer after "
+                            f"nfcore.set_backend(\"{'gpu' if x_on_gpu else 'cpu'}\"), or move "
+                            f"the input with nfcore.backend.to_device")
 
 
 def check_gradient(dy, expected_shape, name="dy"):

@@ -36,7 +36,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..nn.composite import Composite, spawn_seed
 from ..nn.network import Network
-from .base import check_images
+from .base import check_images, check_same_device
 
 SCALE_SHIFT = 2.0    # s = sigmoid(raw + 2): starts at 0.88, close to 1, and bounded in (0, 1)
 
@@ -109,6 +109,7 @@ class BlockCoupling(Composite):
                                        self.actnorm, self.dtype, seed=spawn_seed(self.seed, k))
 
     def _prepare(self, x, name):
+        check_same_device(x, self.params, name)
         check_images(x, name, self.channels)
         if self.channels is None:
             self._build(x.shape[1], eager=False)

@@ -17,7 +17,7 @@ InvConv.inverse uses: Emerging is the baseline it is measured against.
 params: "conv1.weight" (C, C, k, k), "conv1.log_diag" (C,), "conv2.weight", "conv2.log_diag".
 """
 from ..nn.composite import Composite, spawn_seed
-from .base import check_images
+from .base import check_images, check_same_device
 from .invconv import InvConv
 
 
@@ -41,6 +41,7 @@ class EmergingConv(Composite):
         return y, logdet1 + logdet2
 
     def inverse(self, y):
+        check_same_device(y, self.params, "y")
         check_images(y, "y", self.channels)
         return self.conv1.inverse(self.conv2.inverse(y, method="raster"), method="raster")
 

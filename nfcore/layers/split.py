@@ -34,7 +34,7 @@ from ..backend import get_array_module
 from ..nn.composite import Composite
 from ..nn.conv2d_zero import Conv2dZero
 from ..nn.network import channel_first, channel_last
-from .base import check_images
+from .base import check_images, check_same_device
 from .prior import gaussian_log_prob, gaussian_log_prob_grads, gaussian_sample
 
 
@@ -65,6 +65,7 @@ class Split(Composite):
 
     def forward(self, x):
         """(z1, logp): z1 (B, C1, H, W) and log p(z2 | z1) (B,) in the logdet's place."""
+        check_same_device(x, self.params, "x")
         check_images(x, "x", self.channels)
         if self.channels is None:
             self._build(x.shape[1], eager=False)
@@ -78,6 +79,7 @@ class Split(Composite):
 
     def inverse(self, z1, z2=None, temperature=1.0, rng=None):
         """x = [z1, z2]; z2 sampled from the prior given z1 when not given."""
+        check_same_device(z1, self.params, "z1")
         check_images(z1, "z1")
         if self.channels is not None and z1.shape[1] != self.kept:
             raise ValueError(f"z1 has {z1.shape[1]} channels, Split keeps {self.kept}")

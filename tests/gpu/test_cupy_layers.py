@@ -147,3 +147,37 @@ def test_every_layer_cupy_matches_numpy(case, dtype):
     for got, want in zip(on_cupy, on_numpy):
         assert type(got).__module__.startswith("cupy")
         assert_close(got, want, dtype)
+
+
+def test_numpy_weights_with_a_cupy_input_is_one_clear_error():
+    import cupy
+    layer = nfcore.InvConv(k=3, channels=4)                       # NumPy weights
+    x = cupy.zeros((2, 4, 8, 8), dtype=cupy.float32)
+    with pytest.raises(TypeError, match="^x is a CuPy \\(GPU\\) array but the layer's parameter "
+                                        "'weight' is a NumPy \\(CPU\\) array"):
+        layer.forward(x)
+
+
+def test_training_steps_reuse_cupys_memory_pool():
+    """After the first steps, a training step takes all its device memory from what CuPy's pool
+    already holds: the pool does not grow (every kernel output is a CuPy array from the pool)."""
+    import cupy
+    from nfcore.flow import Flow
+    from nfcore.optim import Adam
+    nfcore.set_backend("gpu")
+    try:
+        flow = Flow((3, 16, 16), levels=2, steps=2, hidden=16, invconv="finc", seed=0)
+        x = cupy.asarray(np.random.default_rng(0).uniform(-0.5, 0.5, (8, 3, 16, 16)),
+                         dtype=cupy.float32)
+        flow.forward(x)
+        optimizer = Adam(flow.layers, lr=1e-3, max_grad_norm=50.0)
+        pool = cupy.get_default_memory_pool()
+        held = []
+        for _ in range(6):
+            optimizer.zero_grad()
+            flow.loss_and_backward(x, 8)
+            optimizer.step()
+            held.append(pool.total_bytes())
+        assert held[2:] == [held[2]] * 4, held
+    finally:
+        nfcore.set_backend("cpu")
