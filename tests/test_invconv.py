@@ -209,10 +209,11 @@ def test_backward_accumulates():
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
-@pytest.mark.parametrize("shape", [(2, 3, 5, 4, 3), (1, 37, 4, 5, 6)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4, 3), (1, 37, 4, 5, 6), (1, 5, 3, 4, 7)], ids=str)
 def test_cpu_kernels_match_numpy_references(dtype, tol, k, shape):
-    """Also C = 6 (one block of four output channels and two more) and B = 37 (three chunks of
-    images, the last one short)."""
+    """Output channels in every grouping the kernels use: C = 3 (one block of three), C = 6 (a
+    block of four, then two one at a time), C = 7 (four, then three); and B = 37 (three chunks
+    of images, the last one short)."""
     cpu = CanonicalLayout(cpu_module)           # batch-last inside, compared in (G, B, H, W, C)
     rng = np.random.default_rng(9)
     G, B, Hk, Wk, C = shape
