@@ -9,9 +9,12 @@ from PIL import Image
 
 from data import load_dataset
 from data.attributes import read_attributes
+from data.folder import read_image
 from nfcore import latent
 from nfcore.flow import Flow
 from train import interpolate, manipulate, reconstruct, run
+from train.model_images import dequantize
+from train.session import load_flow
 
 TINY = ["--levels", "2", "--steps", "1", "--hidden", "8", "--sample-every", "1000",
         "--eval-every", "1000"]
@@ -108,7 +111,8 @@ def test_attribute_direction_is_the_difference_of_the_group_means(small_flow):
 def write_attribute_file(path, files, rows, count=None):
     """A file in the published format of CelebA's list_attr_celeba.txt."""
     lines = [str(len(files) if count is None else count), " ".join(CELEBA_NAMES)]
-    lines += [f"{name} " + " ".join(f"{value:2d}" for value in row) for name, row in zip(files, rows)]
+    lines += [f"{name} " + " ".join(f"{value:2d}" for value in row)
+              for name, row in zip(files, rows)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -169,7 +173,7 @@ def test_interpolate_by_index_and_from_files(digits_model, tmp_path):
         assert picture.size == (8 * (8 * 9 + 1), 8 * 10)
 
 
-def test_interpolate_refuses_an_image_of_the_wrong_size_and_an_index_past_the_end(digits_model, tmp_path, capsys):
+def test_interpolate_refuses_a_wrong_size_and_an_index_past_the_end(digits_model, tmp_path, capsys):
     ckpt, _ = digits_model
     small, big = str(tmp_path / "small.png"), str(tmp_path / "big.png")
     Image.new("L", (8, 8)).save(small)
@@ -180,7 +184,8 @@ def test_interpolate_refuses_an_image_of_the_wrong_size_and_an_index_past_the_en
     err = one_error_line(capsys)
     assert big in err and "16×16" in err and "8×8" in err
     with pytest.raises(SystemExit) as stop:
-        interpolate.main(["--ckpt", ckpt, "--indices", "0", "297", "--out", str(tmp_path / "x.png")])
+        interpolate.main(["--ckpt", ckpt, "--indices", "0", "297",
+                          "--out", str(tmp_path / "x.png")])
     assert stop.value.code == 1 and "297" in one_error_line(capsys)
 
 
@@ -225,9 +230,22 @@ def test_manipulate_writes_the_grid_and_caches_the_direction(face_folder):
     with Image.open(root / "manipulate.png") as picture:     # 3 rows of 5 alphas, 8×8 drawn 8x
         assert picture.size == (8 * (5 * 9 + 1), 8 * (3 * 9 + 1))
     computed_picture = (root / "manipulate.png").read_bytes()
+    # the direction means what the labels mean: "Smiling" images have a lower half brighter by
+    # 120/255 = 0.47, and going from alpha -1 to 1 brightens the lower half by about twice that
+    flow, meta, _ = load_flow(str(root / "run" / "checkpoint.h5"))
+    with np.load(first["cache"]) as cached:
+        direction = cached["vector"]
+    images = np.stack([read_image(str(root / "img_align_celeba" / name), 8) for name in files[-8:]])
+    edited = latent.manipulate(flow, dequantize(images, meta["config"]), direction, [-1.0, 1.0])
+    change = edited[:, 1] - edited[:, 0]
+    assert change[:, :, 4:].mean() > 0.7 and abs(change[:, :, :4].mean()) < 0.1
     again = manipulate.main(manipulate_args(root))
     assert again["direction"] == "cached" and again["cache"] == first["cache"]
     assert (root / "manipulate.png").read_bytes() == computed_picture
+    chosen = [str(root / "img_align_celeba" / name) for name in files[:2]]
+    given = manipulate.main(manipulate_args(root, "--images", *chosen))
+    assert given["direction"] == "cached" and given["images"] == 2
+    assert given["alpha0_max_error"] <= 1e-4
     other_n = manipulate.main(manipulate_args(root, "--direction-images", "12"))
     assert other_n["direction"] == "computed" and other_n["cache"] != first["cache"]
     # one more training step changes the checkpoint: the cached direction no longer holds

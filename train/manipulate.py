@@ -9,9 +9,10 @@ the attribute minus the mean latent of those without, over the first --direction
 the attribute file lists. It is cached next to the checkpoint, in
 <checkpoint>.direction-<attribute>-n<N>-<ema|raw>.npz, under a key made of the checkpoint's
 bytes, the weights, the attribute, and the images and labels used: a changed checkpoint,
-attribute file or image count computes it again. The edited images are the last --n images the file lists (the end of
-CelebA's test partition and of the folder loader's test split), or --images files. Each is
-encoded to z and decoded from z + alpha·direction; alpha 0 gives the image back.
+attribute file or image count computes it again. The edited images are the last --n images
+the file lists (the end of CelebA's test partition and of the folder loader's test split), or
+--images files. Each is encoded to z and decoded from z + alpha·direction; alpha 0 gives the
+image back.
 
 The attribute file is in CelebA's published format (list_attr_celeba.txt: a count line, a line
 of attribute names, then 'file ±1 ...' lines); every image of the data folder must be listed in
@@ -143,7 +144,8 @@ def parse_args(argv=None):
                         help="multiples of the direction added, comma-separated "
                              "(default -1,-0.5,0,0.5,1)")
     parser.add_argument("--n", type=positive_int, default=8,
-                        help="how many images to edit, >= 1: the last ones the file lists (default 8)")
+                        help="how many images to edit, >= 1: the last ones the file lists "
+                             "(default 8)")
     parser.add_argument("--images", nargs="+", metavar="FILE",
                         help="edit these image files instead of the last --n listed")
     parser.add_argument("--direction-images", type=at_least(2), default=2000,
