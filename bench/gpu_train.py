@@ -13,11 +13,14 @@ Two checks, each printed as a table:
 2. ``python -m train.run`` (run in this process, its --out under OUT_DIR) with --backend cpu and
    with --backend gpu, the same seed and steps: on digits, and on a CIFAR-shaped set (3×32×32
    noise images written as PNG files, read by --dataset folder). The logged train bits/dim (the
-   mean of every 10 steps) and the final test bits/dim must agree to 1e-3 relative: the two
-   devices round differently, and Adam's first steps move each weight by about lr·sign(g), so
-   roundings grow over the steps (far below what a wrong kernel gives). Images/s is the last
-   logged window's (the first includes compiling the kernels). CuPy's memory pool is reported
-   after the GPU run: what it holds is reused from step to step.
+   mean of every 10 steps) and the final test bits/dim must agree to 1e-4 relative: the two
+   devices round differently (sums in other orders, cuBLAS against OpenBLAS), and training
+   carries such differences along; measured on the CPU, a 1e-7 relative change of the first
+   digits batch moved the loss of each of the next 20 steps (train.run's digits settings) by
+   at most 4.2e-8 relative, so 1e-4 leaves a wide margin for rounding and little room for a
+   wrong kernel. Images/s is the last logged window's (the first includes compiling the
+   kernels). CuPy's memory pool is reported after the GPU run: what it holds is reused from
+   step to step.
 
 Exit status 1 if any check fails. ``--against cpu`` runs the same code with NumPy on both sides
 (the CUDA-less rehearsal: everything but the GPU itself).
@@ -36,7 +39,7 @@ from nfcore.backend import to_numpy
 from nfcore.flow import STEP_KINDS, Flow
 
 TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
-TRAIN_TOLERANCE = 1e-3
+TRAIN_TOLERANCE = 1e-4
 N_BITS = 8
 
 

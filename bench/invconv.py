@@ -64,6 +64,10 @@ def repeats_for(seconds_per_call, budget=1.0, most=20):
 
 
 def make_layer(C, k, xp, dtype):
+    """An InvConv (C channels, learned diagonal) with its parameters on xp's device, weights
+    N(0, (0.3/√(k²C))²). Sets nfcore's backend to that device (the FInC units built after it
+    land there too)."""
+    nfcore.set_backend("cpu" if xp is np else "gpu")
     layer = nfcore.InvConv(k=k, channels=C, learn_diag=True, dtype=dtype, seed=0)
     rng = np.random.default_rng(0)
     layer.params["weight"][...] = xp.asarray(rng.standard_normal(layer.params["weight"].shape)
