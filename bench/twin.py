@@ -247,8 +247,9 @@ class MaskedConv(nn.Module):
 
 
 class EmergingConv(nn.Module):
-    """Emerging convolution: conv2(conv1(x)), masked k×k convs with learned diagonals, corners
-    top-left then bottom-right; inverted pixel by pixel (raster), as nfcore does."""
+    """Emerging convolution: conv2(conv1(x)), masked m×m convs with learned diagonals, corners
+    top-left then bottom-right (m = (k+1)/2 for nfcore's EmergingConv(k), the published form);
+    inverted pixel by pixel (raster), as nfcore does."""
 
     def __init__(self, channels, k):
         super().__init__()

@@ -268,6 +268,32 @@ def test_parameter_names():
     assert names["ActNorm"] == ["bias", "logs"]
 
 
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_emerging_conv_of_size_k_sees_the_k_by_k_window_as_published(k):
+    """EmergingConv(k) is two (k+1)/2 × (k+1)/2 convolutions (Hoogeboom et al. 2019): output
+    pixel (i, j) depends on exactly the inputs of the k×k window centred on it. The layer is
+    linear, so its response to one input pixel is a column of its Jacobian."""
+    C, size, centre = 2, 9, 4
+    layer = EmergingConv(k, channels=C, dtype=np.float64, seed=3)
+    rng = np.random.default_rng(0)
+    for name in layer.params:                   # generic weights: no tap is zero by chance
+        layer.params[name][...] = rng.uniform(0.2, 0.6, layer.params[name].shape)
+    assert layer.conv1.k == layer.conv2.k == (k + 1) // 2
+    x = np.zeros((1, C, size, size))
+    x[0, :, centre, centre] = 1.0
+    reached = np.abs(layer.forward(x)[0][0]).sum(axis=0) > 0
+    window = np.zeros((size, size), bool)
+    half = k // 2
+    window[centre - half:centre + half + 1, centre - half:centre + half + 1] = True
+    np.testing.assert_array_equal(reached, window)
+
+
+@pytest.mark.parametrize("k", [0, 2, 4])
+def test_emerging_conv_needs_an_odd_kernel_size(k):
+    with pytest.raises(ValueError, match="odd kernel size"):
+        EmergingConv(k)
+
+
 def test_lazy_parameters_take_the_input_dtype():
     x = np.zeros((1, 4, 2, 2), dtype=np.float32)
     for layer in [AffineCoupling(hidden=4), Conv1x1(), ActNorm(), Split(), EmergingConv()]:

@@ -92,8 +92,10 @@ def parse_args(argv=None):
     model.add_argument("--steps", type=positive_int, help="K >= 1: flow steps per level")
     model.add_argument("--hidden", type=positive_int, help="width of the coupling networks (>= 1)")
     model.add_argument("--invconv", choices=STEP_KINDS,
-                       help="flow step: finc (FInC unit + 1x1), cinc (CInC 3x3), emerging "
-                            "(1x1 + Emerging conv), glow1x1 (1x1 only). Default finc")
+                       help="flow step: finc (FInC unit + 1x1), cinc (CInC kxk), emerging "
+                            "(1x1 + the Emerging conv of size k as published: two (k+1)/2 x "
+                            "(k+1)/2 convolutions, 2x2 for k=3, a kxk receptive field like "
+                            "finc and cinc; k must be odd), glow1x1 (1x1 only). Default finc")
     model.add_argument("--coupling", choices=COUPLINGS, help="default affine")
     model.add_argument("--k", type=positive_int,
                        help="kernel size of the k×k convolutions, >= 1 (default 3)")
@@ -149,6 +151,9 @@ def parse_args(argv=None):
     for key, value in FIXED_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.invconv == "emerging" and args.k % 2 == 0:
+        parser.error(f"argument --k: --invconv emerging needs an odd k (two (k+1)/2 x (k+1)/2 "
+                     f"convolutions), got {args.k}")
     return args
 
 

@@ -58,6 +58,12 @@ class Network(Composite):
         self.relu2 = ReLU()
         self.parts["conv3"] = Conv2dZero(out_channels, 3, hidden if in_channels else None, dtype=dtype)
 
+    def release(self):
+        """Drop every cache: the convs' and ActNorms' inputs (the parts) and the ReLUs' masks."""
+        super().release()
+        self.relu1.release()
+        self.relu2.release()
+
     def forward(self, x):
         """h (B, C_out, H, W) = NN(x), x (B, C_in, H, W)."""
         h = self.conv1.forward(channel_last(x))
