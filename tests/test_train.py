@@ -166,6 +166,11 @@ def test_train_run_checks_every_option_where_it_is_parsed(capsys, option, value,
     assert not os.path.exists("never-written")
 
 
+def test_emerging_needs_an_odd_kernel_size(capsys):
+    line = one_line_error(capsys, run.main, ["--invconv", "emerging", "--k", "4"])
+    assert "--k" in line and "odd" in line and "4" in line
+
+
 @pytest.mark.parametrize("command, argv, words", [
     (sample.main, ["--n", "0"], ["--n", ">= 1"]),
     (sample.main, ["--temperature", "-1"], ["--temperature", ">= 0.0"]),
