@@ -227,7 +227,7 @@ elif [ "$QUICK" = 1 ]; then
         "$PYTHON" bench/sampling.py --gpu --sizes 16 64 --repeats 1 --budget 5
     part e "training, GPU against CPU" 20 "cupy" "$PYTHON" bench/gpu_train.py --quick "$OUT/e_runs"
     part f "PyTorch twin on CUDA" 10 "cupy torch_cuda" \
-        "$PYTHON" bench/twin.py --device cuda --skip-check --invconv finc --no-sample
+        "$PYTHON" bench/twin.py --device cuda --skip-check --invconv finc --no-sample --rounds 1
 else
     part a "machine" 15 "" machine
     part b "pytest tests/gpu" 110 "cupy" gpu_tests tests/gpu
@@ -237,7 +237,7 @@ else
         "$PYTHON" bench/sampling.py --gpu --sizes 16 32 64 128 --repeats 2 --budget 8
     part e "training, GPU against CPU" 50 "cupy" "$PYTHON" bench/gpu_train.py "$OUT/e_runs"
     part f "PyTorch twin on CUDA" 40 "cupy torch_cuda" \
-        "$PYTHON" bench/twin.py --device cuda --invconv finc emerging glow1x1
+        "$PYTHON" bench/twin.py --device cuda --invconv finc glow1x1 --rounds 1
 fi
 
 {
