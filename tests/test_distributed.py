@@ -159,6 +159,8 @@ def test_train_run_on_two_ranks_equals_one_process_and_resumes_on_three(tmp_path
     assert [step for step, _ in tests_many] == [5, 10] == [step for step, _ in tests_one]
     for (_, a), (_, b) in zip(tests_many, tests_one):
         assert abs(a - b) / b <= 1e-5
+    trained = [r for r in records(many / "metrics.jsonl") if "train_bpd" in r]
+    assert [r["step"] for r in trained] == [5, 10] and all(r["allreduce_s"] >= 0 for r in trained)
     final = json.loads((many / "final.json").read_text())
     assert final["steps"] == 10 and abs(final["test_bpd"] - tests_one[-1][1]) / tests_one[-1][1] <= 1e-5
 

@@ -186,8 +186,12 @@ class NcclAllreduce:
     """
 
     def __init__(self, comm):
-        import cupy
-        from cupy.cuda import nccl
+        try:
+            import cupy
+            from cupy.cuda import nccl
+        except ImportError:
+            raise RuntimeError("--distributed --backend gpu needs CuPy with NCCL: pip install -e "
+                               "\".[gpu,mpi]\"") from None
         from mpi4py import MPI
         self.cupy, self.nccl = cupy, nccl
         local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()

@@ -144,8 +144,8 @@ def parse_args(argv=None):
         help="data-parallel training over MPI, started as mpiexec -n N python -m train.run "
              "--distributed ... (needs pip install -e '.[mpi]'): --batch-size stays the global "
              "batch, split over the N ranks; one gradient Allreduce per step (NCCL on --backend "
-             "gpu, one GPU per rank); rank 0 alone writes --out; the same result for any N "
-             "(train/distributed.py)")
+             "gpu, one GPU per rank), its seconds logged as allreduce_s; rank 0 alone writes "
+             "--out; the same result for any N (train/distributed.py)")
     args = parser.parse_args(argv)
     args.given = {key for key, value in vars(args).items() if value is not None}
     for key, value in FIXED_DEFAULTS.items():
@@ -446,11 +446,14 @@ def train_loop(run, time_budget=None):
             progress.set_postfix(bpd=f"{loss:.3f}", img_s=f"{window[-1][1]:.0f}")
             if run.step % 10 == 0 or run.step == run.max_steps:
                 losses, speeds = zip(*window)
-                run.metrics.log({"step": run.step, "epoch": run.step / run.batches.steps_per_epoch,
-                                 "train_bpd": float(np.mean(losses)),
-                                 "lr": run.optimizer.learning_rate(), "grad_norm": float(grad_norm),
-                                 "images_per_s": float(np.mean(speeds)),
-                                 "time_s": time.time() - run.started})
+                record = {"step": run.step, "epoch": run.step / run.batches.steps_per_epoch,
+                          "train_bpd": float(np.mean(losses)),
+                          "lr": run.optimizer.learning_rate(), "grad_norm": float(grad_norm),
+                          "images_per_s": float(np.mean(speeds)),
+                          "time_s": time.time() - run.started}
+                if run.communicator is not None:    # rank 0's seconds in the Allreduce since the last
+                    record["allreduce_s"] = run.reducer.take_seconds()    # record (waits included)
+                run.metrics.log(record)
                 window = []
             if run.step % config["eval_every"] == 0 and run.step < run.max_steps:
                 test_bpd = run.evaluate()
