@@ -12,7 +12,7 @@ import numpy as np
 
 from data import load_dataset, preprocess_rows
 from nfcore.flow import Flow
-from nfcore.layers import ActNorm
+from nfcore.layers import ActNorm, NonFiniteError
 from nfcore.optim import Adam
 from train.distributed import (Communicator, GradientAllreduce, abort_on_error, distributed_loss_and_backward,
                                evaluate_bits_per_dim, initialize_actnorms, parameter_digest)
@@ -91,6 +91,19 @@ def main():
                 gradient_difference = relative(gradients(flow), reference_gradient)
             optimizer.step()
         communicator.check_same("parameters after training", parameter_digest(flow.layers))
+
+        # a NaN in the last rank's rows: every rank skips the step together, nothing changes
+        before = parameter_digest(flow.layers)
+        x = preprocess_rows(global_batch(train_images, STEPS)[lo:hi], N_BITS, [SEED, 1, STEPS], lo)
+        if communicator.rank == communicator.size - 1:
+            x[0, 0, 0, 0] = np.nan
+        optimizer.zero_grad()
+        try:
+            distributed_loss_and_backward(flow, x, N_BITS, BATCH, reducer)
+            skipped = False
+        except NonFiniteError:
+            skipped = True
+        assert skipped and parameter_digest(flow.layers) == before
 
         test = test_images[:100]
         bpd = evaluate_bits_per_dim(flow, test, N_BITS, BATCH, SEED, communicator)

@@ -101,7 +101,8 @@ def test_preprocess_rows_equals_the_rows_of_the_whole_batch():
 def test_ranks_reproduce_one_process():
     """3 ranks (slices of 10, 11 and 11 rows) against one process on the same global batches:
     ActNorm's initialization, the first step's gradient, the losses and the parameters after
-    10 Adam steps, the sharded test bits/dim, and the ranks' parameters identical."""
+    10 Adam steps, the sharded test bits/dim, the ranks' parameters identical, and a NaN in
+    one rank's rows skipped by every rank (the worker asserts the last two)."""
     ranks = 3
     done = run_mpi(ranks, [os.path.join("tests", "distributed_worker.py")])
     assert done.returncode == 0, done.stdout + done.stderr

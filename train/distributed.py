@@ -49,6 +49,7 @@ import numpy as np
 
 from data import iterate_test_batches, preprocess_rows
 from nfcore.backend import get_array_module, to_device, to_numpy
+from nfcore.conditioning import InverseAccuracyError
 from nfcore.layers import NonFiniteError
 from nfcore.layers.actnorm import moments_from
 
@@ -266,7 +267,8 @@ def initialize_actnorms(flow, communicator, x_local):
 def distributed_loss_and_backward(flow, x_local, n_bits, global_batch, reducer, recompute=False):
     """The global batch's mean bits/dim; every layer's grads then hold its gradient, the same
     on every rank. Raises NonFiniteError on every rank alike when any rank's batch, loss or
-    gradient holds NaN/Inf (every rank still takes part in the Allreduce)."""
+    gradient holds NaN/Inf, or its memory-saving backward found the inverse inaccurate (every
+    rank still takes part in the Allreduce)."""
     loss = None
     if get_array_module(x_local).isfinite(x_local).all():
         try:
@@ -274,8 +276,8 @@ def distributed_loss_and_backward(flow, x_local, n_bits, global_batch, reducer, 
                 loss, _ = flow.loss_and_backward(x_local, n_bits, recompute=recompute)
             if not np.isfinite(loss):
                 loss = None
-        except (NonFiniteError, FloatingPointError):
-            loss = None
+        except (NonFiniteError, FloatingPointError, InverseAccuracyError):
+            loss = None         # the step is skipped on every rank, as one process skips it
     global_loss = reducer.reduce(x_local.shape[0] / global_batch, loss)
     if not np.isfinite(global_loss):
         raise NonFiniteError("NaN/Inf in the batch or the flow on at least one rank (bad input "
