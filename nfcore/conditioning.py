@@ -93,9 +93,14 @@ def round_trip(model, x):
 
 def round_trip_error(model, x):
     """max |round_trip(model, x) − x| (inf when the round trip overflowed to NaN/Inf)."""
+    from .layers import NonFiniteError
+
     xp = get_array_module(x)
-    with np.errstate(over="ignore", invalid="ignore"):
-        error = float(xp.abs(round_trip(model, x) - x).max())
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            error = float(xp.abs(round_trip(model, x) - x).max())
+    except NonFiniteError:               # a layer refused the NaN/Inf an inverse produced
+        return float("inf")
     return error if np.isfinite(error) else float("inf")
 
 
