@@ -140,3 +140,30 @@ def test_train_logs_recon_error_and_can_stop_on_it(tmp_path, capsys):
     printed = capsys.readouterr()
     assert "warning: recon_error" in printed.out + printed.err
     assert "error: stopping at step 2 (--stop-on-recon-error)" in printed.err
+
+
+def test_guard_bounds_the_gain_and_leaves_healthy_layers_alone():
+    healthy, _ = noisy_flow(0.05)
+    before = [layer.params["weight"].copy() for layer, _ in conditioning.masked_convs_with_sizes(healthy)]
+    assert conditioning.guard_conditioning(healthy, scale=4) == 0
+    for (layer, _), weight in zip(conditioning.masked_convs_with_sizes(healthy), before):
+        np.testing.assert_array_equal(layer.params["weight"], weight)
+
+    drifting, _ = noisy_flow(0.2)
+    convs = conditioning.masked_convs_with_sizes(drifting)
+    assert [shape for _, shape in convs] == [(12, 8, 8), (24, 4, 4)]
+    self_taps = [layer.params["weight"][..., 2, 2].copy() for layer, _ in convs]
+    assert not is_well_conditioned(drifting, (3, 64, 64))
+    assert conditioning.guard_conditioning(drifting, scale=4) == 2
+    for (layer, (C, H, W)), self_tap in zip(convs, self_taps):
+        assert inverse_gain(layer, (C, 4 * H, 4 * W)) <= conditioning.GUARD_GAIN
+        np.testing.assert_array_equal(layer.params["weight"][..., 2, 2], self_tap)
+    assert is_well_conditioned(drifting, (3, 64, 64))
+
+
+def test_train_guard_option(tmp_path):
+    out = str(tmp_path / "guarded")
+    run.main(TINY + ["--max-steps", "10", "--eval-every", "1000", "--sample-every", "1000",
+                     "--guard", "4", "--out", out])
+    with open(os.path.join(out, "config.json")) as file:
+        assert json.load(file)["guard"] == 4

@@ -16,7 +16,7 @@ run, keeping the last checkpoint.
 (--levels --steps --hidden --invconv --coupling --k --seed) or the data (--dataset --n-bits
 --batch-size --image-size), naming the option. The training options (--lr --warmup
 --max-grad-norm --ema --recompute/--no-recompute --epochs --max-steps --eval-every
---sample-every) may change: the new values apply from the resumed step on, are printed, logged
+--sample-every --guard) may change: the new values apply from the resumed step on, are printed, logged
 in metrics.jsonl and recorded in config.json.
 """
 import argparse
@@ -33,7 +33,7 @@ import nfcore
 from data import DATASETS, Batches, load_dataset
 from nfcore.backend import get_array_module, to_device
 from nfcore.flow import COUPLINGS, STEP_KINDS
-from nfcore.conditioning import InverseAccuracyError
+from nfcore.conditioning import InverseAccuracyError, guard_conditioning
 from nfcore.layers import NonFiniteError
 from nfcore.optim import Adam
 
@@ -67,7 +67,8 @@ DATASET_KEYS = ("levels", "steps", "hidden", "n_bits", "batch_size", "lr", "warm
 # --resume: what a checkpoint fixes, and what may change from the resumed step on.
 RESUME_REFUSED = MODEL_KEYS + ("dataset", "n_bits", "batch_size", "image_size")
 RESUME_APPLIED = ("lr", "warmup", "max_grad_norm", "ema", "recompute", "epochs", "max_steps",
-                  "eval_every", "sample_every")
+                  "eval_every", "sample_every", "guard")
+GUARD_EVERY = 10     # steps between two runs of the conditioning guard (--guard)
 MAX_BAD_STEPS = 20   # this many non-finite steps in a row stop the run
 TEMPERATURES = (0.7, 1.0)
 
@@ -126,6 +127,11 @@ def parse_args(argv=None):
     opt.add_argument("--eval-every", type=positive_int,
                      help="test bits/dim and a checkpoint every N steps (>= 1)")
     opt.add_argument("--sample-every", type=positive_int, help="sample grids every N steps (>= 1)")
+    opt.add_argument("--guard", type=positive_int, metavar="SCALE",
+                     help="conditioning guard: every 10 steps, scale down the off-centre taps of "
+                          "any masked convolution whose inverse amplifies errors more than 10x "
+                          "at SCALE times the training image size (nfcore.conditioning."
+                          "guard_conditioning; e.g. --guard 4). Default off")
     opt.add_argument("--recon-threshold", type=positive_float, default=RECON_THRESHOLD,
                      help="every evaluation logs recon_error = max |decode(encode(x)) - x| on a "
                           "fixed test batch (train/monitor.py); warn when it passes this, > 0 "
@@ -166,7 +172,7 @@ def make_config(args, image_shape):
     config.update(dataset=args.dataset, image_shape=list(image_shape), invconv=args.invconv,
                   coupling=args.coupling, k=args.k, seed=args.seed, max_steps=args.max_steps,
                   max_grad_norm=args.max_grad_norm, ema=args.ema, image_size=args.image_size,
-                  recompute=args.recompute)
+                  recompute=args.recompute, guard=args.guard)
     return config
 
 
@@ -441,6 +447,10 @@ def train_loop(run, time_budget=None):
                 run.step += 1
                 continue
             run.step += 1
+            if config.get("guard") and run.step % GUARD_EVERY == 0:
+                rescaled = guard_conditioning(run.flow, scale=config["guard"])
+                if rescaled:
+                    run.metrics.log({"step": run.step, "guard_rescaled": rescaled})
             window.append((loss, run.batches.batch_size / (time.time() - tick)))
             progress.update(1)
             progress.set_postfix(bpd=f"{loss:.3f}", img_s=f"{window[-1][1]:.0f}")
