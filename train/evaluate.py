@@ -10,11 +10,10 @@ import json
 
 from tqdm import tqdm
 
-import nfcore
 from data import load_dataset
 
-from .cli import BLAS_THREADS_HELP, ArgumentParser, limit_blas_threads, positive_int, run_command
-from .session import WEIGHTS_HELP, evaluate_bits_per_dim, load_flow
+from .cli import ArgumentParser, positive_int, run_command
+from .session import add_checkpoint_options, evaluate_bits_per_dim, open_checkpoint
 
 
 def parse_args(argv=None):
@@ -26,16 +25,12 @@ def parse_args(argv=None):
                         help="images per forward pass, >= 1 (default: as in training); the "
                              "result does not depend on it beyond rounding")
     parser.add_argument("--split", default="test", choices=("test", "train"))
-    parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help=WEIGHTS_HELP)
-    parser.add_argument("--backend", default="cpu", choices=("cpu", "gpu"))
-    parser.add_argument("--blas-threads", type=positive_int, default=None, help=BLAS_THREADS_HELP)
+    add_checkpoint_options(parser)
     return parser.parse_args(argv)
 
 
 def evaluate(args):
-    nfcore.set_backend(args.backend)
-    limit_blas_threads(args.blas_threads)
-    flow, meta, _ = load_flow(args.ckpt, weights=args.weights)
+    flow, meta = open_checkpoint(args)
     config = meta["config"]
     train_images, test_images = load_dataset(config["dataset"], args.data_dir,
                                              image_size=config.get("image_size"))

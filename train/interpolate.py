@@ -15,14 +15,12 @@ import json
 
 import numpy as np
 
-import nfcore
 from nfcore import latent
 from nfcore.backend import to_numpy
 
-from .cli import (BLAS_THREADS_HELP, ArgumentParser, at_least, limit_blas_threads, positive_int,
-                  run_command)
+from .cli import ArgumentParser, at_least, run_command
 from .model_images import dataset_images, dequantize, read_model_images, save_pictures
-from .session import WEIGHTS_HELP, load_flow
+from .session import add_checkpoint_options, open_checkpoint
 
 
 def parse_args(argv=None):
@@ -42,16 +40,12 @@ def parse_args(argv=None):
                         help="linear (default) or spherical interpolation of the latents")
     parser.add_argument("--out", default="interpolate.png",
                         help="PNG strip to write (default interpolate.png)")
-    parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help=WEIGHTS_HELP)
-    parser.add_argument("--backend", default="cpu", choices=("cpu", "gpu"))
-    parser.add_argument("--blas-threads", type=positive_int, default=None, help=BLAS_THREADS_HELP)
+    add_checkpoint_options(parser)
     return parser.parse_args(argv)
 
 
 def interpolate(args):
-    nfcore.set_backend(args.backend)
-    limit_blas_threads(args.blas_threads)
-    flow, meta, _ = load_flow(args.ckpt, weights=args.weights)
+    flow, meta = open_checkpoint(args)
     config = meta["config"]
     if args.images:
         images = read_model_images(args.images, config)

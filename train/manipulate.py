@@ -28,17 +28,15 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-import nfcore
 from data.attributes import read_attributes
 from data.folder import celeba_folder, list_images, read_image
 from nfcore import latent
 from nfcore.backend import to_device, to_numpy
 
-from .cli import (BLAS_THREADS_HELP, ArgumentParser, at_least, limit_blas_threads, positive_int,
-                  run_command)
+from .cli import ArgumentParser, at_least, positive_int, run_command
 from .model_images import (RESIZED_DATASETS, dequantize, evaluation_noise, read_model_images,
                            save_pictures)
-from .session import WEIGHTS_HELP, load_flow
+from .session import add_checkpoint_options, open_checkpoint
 
 
 def parse_alphas(text):
@@ -155,16 +153,12 @@ def parse_args(argv=None):
                         help="images encoded at once, >= 1 (default: the training batch size)")
     parser.add_argument("--out", default="manipulate.png",
                         help="PNG grid to write (default manipulate.png)")
-    parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help=WEIGHTS_HELP)
-    parser.add_argument("--backend", default="cpu", choices=("cpu", "gpu"))
-    parser.add_argument("--blas-threads", type=positive_int, default=None, help=BLAS_THREADS_HELP)
+    add_checkpoint_options(parser)
     return parser.parse_args(argv)
 
 
 def manipulate(args):
-    nfcore.set_backend(args.backend)
-    limit_blas_threads(args.blas_threads)
-    flow, meta, _ = load_flow(args.ckpt, weights=args.weights)
+    flow, meta = open_checkpoint(args)
     config = meta["config"]
     check_model(args.ckpt, config)
     attributes = read_attributes(args.attributes)

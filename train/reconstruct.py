@@ -11,13 +11,12 @@ import json
 
 import numpy as np
 
-import nfcore
 from nfcore import latent
 from nfcore.backend import to_numpy
 
-from .cli import BLAS_THREADS_HELP, ArgumentParser, limit_blas_threads, positive_int, run_command
+from .cli import ArgumentParser, positive_int, run_command
 from .model_images import dataset_images, dequantize, save_pictures
-from .session import WEIGHTS_HELP, load_flow
+from .session import add_checkpoint_options, open_checkpoint
 
 MAX_COLUMNS = 16
 
@@ -49,16 +48,12 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="reconstruct.png",
                         help="PNG to write: rows of originals, each above its row of "
                              f"reconstructions, at most {MAX_COLUMNS} a row (default reconstruct.png)")
-    parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help=WEIGHTS_HELP)
-    parser.add_argument("--backend", default="cpu", choices=("cpu", "gpu"))
-    parser.add_argument("--blas-threads", type=positive_int, default=None, help=BLAS_THREADS_HELP)
+    add_checkpoint_options(parser)
     return parser.parse_args(argv)
 
 
 def reconstruct(args):
-    nfcore.set_backend(args.backend)
-    limit_blas_threads(args.blas_threads)
-    flow, meta, _ = load_flow(args.ckpt, weights=args.weights)
+    flow, meta = open_checkpoint(args)
     config = meta["config"]
     images = dataset_images(config, args.data_dir, args.split)[:args.n]
     x = dequantize(images, config)

@@ -10,12 +10,10 @@ rounding error is printed, and past --tolerance no image is written and the comm
 """
 import time
 
-import nfcore
 from nfcore.conditioning import SAMPLE_TOLERANCE
 
-from .cli import (BLAS_THREADS_HELP, ArgumentParser, at_least, limit_blas_threads, positive_float,
-                  positive_int, run_command)
-from .session import WEIGHTS_HELP, load_flow, save_samples
+from .cli import ArgumentParser, at_least, positive_float, positive_int, run_command
+from .session import add_checkpoint_options, open_checkpoint, save_samples
 
 
 def parse_args(argv=None):
@@ -31,16 +29,12 @@ def parse_args(argv=None):
                         help="largest accepted estimated rounding error of the samples, in the "
                              "data's [-0.5, 0.5] units, > 0 (default %(default)g); past it the "
                              "model's inverse is ill-conditioned and nothing is written")
-    parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help=WEIGHTS_HELP)
-    parser.add_argument("--backend", default="cpu", choices=("cpu", "gpu"))
-    parser.add_argument("--blas-threads", type=positive_int, default=None, help=BLAS_THREADS_HELP)
+    add_checkpoint_options(parser)
     return parser.parse_args(argv)
 
 
 def sample(args):
-    nfcore.set_backend(args.backend)
-    limit_blas_threads(args.blas_threads)
-    flow, meta, _ = load_flow(args.ckpt, weights=args.weights)
+    flow, meta = open_checkpoint(args)
     started = time.time()
     save_samples(flow, args.out, args.n, args.temperature, meta["config"]["n_bits"], args.seed,
                  tolerance=args.tolerance)

@@ -3,6 +3,8 @@ and loaded with its optimizer state (the EMA weights or the raw ones), its test
 bits/dim over a whole set, and its sample grids."""
 import numpy as np
 
+import nfcore
+
 from data import iterate_test_batches, postprocess, preprocess
 from nfcore.backend import default_array_module, to_device, to_numpy
 from nfcore.conditioning import SAMPLE_TOLERANCE
@@ -10,6 +12,7 @@ from nfcore.flow import Flow
 from nfcore.layers import NonFiniteError
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .cli import BLAS_THREADS_HELP, limit_blas_threads, positive_int
 from .images import save_image_grid
 
 MODEL_KEYS = ("levels", "steps", "hidden", "invconv", "coupling", "k", "seed")
@@ -71,6 +74,23 @@ def load_flow(path, weights="raw"):
                           for key, value in arrays.items() if key.startswith(prefix)})
     meta = dict(meta, weights="ema" if use_ema else "raw")
     return flow, meta, arrays
+
+
+def add_checkpoint_options(parser):
+    """--weights, --backend and --blas-threads: how the tools that read a checkpoint (sample,
+    evaluate, reconstruct, interpolate, manipulate) run its model."""
+    parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help=WEIGHTS_HELP)
+    parser.add_argument("--backend", default="cpu", choices=("cpu", "gpu"))
+    parser.add_argument("--blas-threads", type=positive_int, default=None, help=BLAS_THREADS_HELP)
+
+
+def open_checkpoint(args):
+    """(flow, meta) of args.ckpt with args.weights, on args.backend, BLAS on args.blas_threads
+    (the options of ``add_checkpoint_options``)."""
+    nfcore.set_backend(args.backend)
+    limit_blas_threads(args.blas_threads)
+    flow, meta, _ = load_flow(args.ckpt, weights=args.weights)
+    return flow, meta
 
 
 def optimizer_state(arrays, meta):
