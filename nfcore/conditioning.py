@@ -72,21 +72,16 @@ GUARD_SHRINK = 0.9             # ... and the factor it scales the off-centre tap
 
 def masked_convs_with_sizes(flow):
     """[(layer, (C, H, W))] for every masked convolution of a Flow, with the shape of its input
-    at the flow's own image size (each Squeeze halves H and W; a Split halves C)."""
-    from .layers import EmergingConv, Split, Squeeze
+    at the flow's own image size (``Flow.layer_input_shapes``)."""
+    from .layers import EmergingConv
     from .layers.invconv import GroupedMaskedConv
 
-    C, H, W = flow.image_shape
     found = []
-    for layer in flow.layers:
-        if isinstance(layer, Squeeze):
-            C, H, W = 4 * C, H // 2, W // 2
-        elif isinstance(layer, Split):
-            C = layer.kept
-        elif isinstance(layer, GroupedMaskedConv):
-            found.append((layer, (C, H, W)))
+    for layer, shape in flow.layer_input_shapes():
+        if isinstance(layer, GroupedMaskedConv):
+            found.append((layer, shape))
         elif isinstance(layer, EmergingConv):
-            found += [(part, (C, H, W)) for part in layer.parts.values()]
+            found += [(part, shape) for part in layer.parts.values()]
     return found
 
 

@@ -97,6 +97,20 @@ class Flow:
         self.top_shape = (C, H // 2 ** levels, W // 2 ** levels)   # of z_top
         self.n_dims = int(np.prod(image_shape))
 
+    def layer_input_shapes(self):
+        """[(layer, (C, H, W))]: every layer with the shape of one image at its input, at the
+        flow's own image size (each Squeeze quadruples C and halves H and W; each Split keeps
+        its first C // 2 channels)."""
+        C, H, W = self.image_shape
+        shapes = []
+        for layer in self.layers:
+            shapes.append((layer, (C, H, W)))
+            if isinstance(layer, Squeeze):
+                C, H, W = 4 * C, H // 2, W // 2
+            elif isinstance(layer, Split):
+                C = layer.kept
+        return shapes
+
     # ---- density -------------------------------------------------------------------------
     def forward(self, x, keep_caches=True):
         """(z_top, logdet): the top latent and Σ of every layer's logdet (Splits included).

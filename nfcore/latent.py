@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import get_array_module
-from .layers import Split, Squeeze
+from .layers import Split
 
 METHODS = ("linear", "spherical")
 
@@ -47,14 +47,8 @@ METHODS = ("linear", "spherical")
 def latent_shapes(flow):
     """Shapes (C', H', W') of one image's latents, in ``Flow.encode``'s order: the z2 of each
     Split (C − C//2 of its C channels), then z_top."""
-    C, H, W = flow.image_shape
-    shapes = []
-    for layer in flow.layers:
-        if isinstance(layer, Squeeze):
-            C, H, W = 4 * C, H // 2, W // 2
-        elif isinstance(layer, Split):
-            shapes.append((C - C // 2, H, W))
-            C = C // 2
+    shapes = [(C - C // 2, H, W) for layer, (C, H, W) in flow.layer_input_shapes()
+              if isinstance(layer, Split)]
     return shapes + [tuple(flow.top_shape)]
 
 
