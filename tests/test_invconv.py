@@ -237,6 +237,41 @@ def test_cpu_kernels_match_numpy_references(dtype, tol, k, shape):
         close(from_layout(solve(to_layout(y, cpu.module.AXES), w), cpu.module.AXES), x)
 
 
+@pytest.mark.parametrize("kind", ["invconv", "finc"])
+@pytest.mark.parametrize("B", [9, 66])
+def test_padded_batch_gives_every_image_its_own_result(kind, B):
+    """The CPU layout pads the batch to a multiple of cpu.LANES with zero images: each image's
+    forward, inverse and input gradient are then exactly what it gets alone (B = 1, unpadded;
+    the same operations in the same order per image), and the weight gradient is the sum of
+    the images' own."""
+    rng = np.random.default_rng(12)
+    layer = make_layer(kind, 3, 8, learn_diag=True)
+    for name, p in layer.params.items():
+        p += 0.1 * rng.standard_normal(p.shape)
+    x = rng.standard_normal((B, 8, 5, 6))
+    dy = rng.standard_normal((B, 8, 5, 6))
+    padded = cpu_module.to_groups(x, layer._flips())
+    assert padded.shape[-1] == cpu_module.padded_batch(B) == -(-B // 8) * 8
+    assert not padded[..., B:].any()
+    np.testing.assert_array_equal(cpu_module.from_groups(padded, layer._flips(), B), x)
+
+    y, _ = layer.forward(x)
+    layer.zero_grad()
+    dx = layer.backward(dy, np.zeros(B))
+    dweight = {name: g.copy() for name, g in layer.grads.items()}
+    alone = {name: np.zeros_like(g) for name, g in layer.grads.items()}
+    for n in range(B):
+        y_n, _ = layer.forward(x[n:n + 1])
+        np.testing.assert_array_equal(y_n, y[n:n + 1])
+        np.testing.assert_array_equal(layer.inverse(y_n), layer.inverse(y)[n:n + 1])
+        layer.zero_grad()
+        np.testing.assert_array_equal(layer.backward(dy[n:n + 1], np.zeros(1)), dx[n:n + 1])
+        for name in alone:
+            alone[name] += layer.grads[name]
+    for name in alone:
+        np.testing.assert_allclose(dweight[name], alone[name], rtol=1e-12, atol=1e-12)
+
+
 # ---- construction, dtypes and bad input ---------------------------------------------------
 
 def test_inverse_works_on_its_own_and_is_reproducible():

@@ -74,8 +74,9 @@ def to_groups(x, flips):
     return to_groups_by_transpose(x, flips, AXES)
 
 
-def from_groups(xg, flips):
-    """The inverse of ``to_groups``: (G, B, H, W, Cg) -> (B, G·Cg, H, W)."""
+def from_groups(xg, flips, n_images):
+    """The inverse of ``to_groups``: (G, B, H, W, Cg) -> (B, G·Cg, H, W); B == n_images here
+    (the CPU layout pads its batch axis, this one does not)."""
     return from_groups_by_transpose(xg, flips, AXES)
 
 THREADS_PER_BLOCK = 128   # the flat kernels (one thread per output element)

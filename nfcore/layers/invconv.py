@@ -123,7 +123,7 @@ class GroupedMaskedConv(Layer):
         yg = kernel.conv_forward(xg, self._kernel_weight(x.dtype))
         self._cache = (xg, x.shape)
         B, _, H, W = x.shape
-        return kernel.from_groups(yg, self._flips()), self.logdet(B, H, W, xp, x.dtype)
+        return kernel.from_groups(yg, self._flips(), B), self.logdet(B, H, W, xp, x.dtype)
 
     def inverse(self, y, method="wavefront"):
         """x with forward(x)[0] == y. ``method``: "wavefront", anti-diagonal after anti-diagonal
@@ -135,7 +135,7 @@ class GroupedMaskedConv(Layer):
         kernel = kernels.for_array(y)
         solve = kernel.wavefront_inverse if method == "wavefront" else kernel.raster_inverse
         xg = solve(kernel.to_groups(y, self._flips()), self._kernel_weight(y.dtype))
-        return kernel.from_groups(xg, self._flips())
+        return kernel.from_groups(xg, self._flips(), y.shape[0])
 
     def backward(self, dy, dlogdet):
         """dx from dy (B, C, H, W) and dlogdet (B,); adds dL/dweight (and dL/dlog_diag).
@@ -172,7 +172,7 @@ class GroupedMaskedConv(Layer):
             d_diag = dw_eff[:, idx, idx, self.k - 1, self.k - 1]
             dlog_diag += (d_diag * get_array_module(dy).exp(log_diag)
                           + H * W * dlogdet.sum()).astype(dlog_diag.dtype)
-        return kernel.from_groups(dxg, opposite_flips)
+        return kernel.from_groups(dxg, opposite_flips, dy.shape[0])
 
 
 class InvConv(GroupedMaskedConv):
