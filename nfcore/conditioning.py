@@ -13,6 +13,12 @@ Measured on ``InvConv(k=3, channels=12)`` with off-centre taps drawn N(0, σ²) 
 float32, x ~ N(0, 1)): σ = 0.05 keeps max |inverse(forward(x)) − x| near 1e-6 up to 128×128;
 σ = 0.1 reaches 3e-4 at 64×64 and O(1) at 128×128; σ = 0.2 is wrong from 32×32 on.
 
+The affine couplings are the other inverse that can amplify: x_b = y_b / s − shift divides by
+the scale s = sigmoid(raw + 2), and on inputs unlike the training data the networks can drive
+raw far below zero (log s ≈ −40 on the digits model's 4×-size inputs, measured), so that the
+rounding errors of every layer above are multiplied by 1/s on the way down. That one does not
+grow with the image size; it comes with inputs the networks were not trained on.
+
 **The measure.** The inverse's error amplification at an image size,
 
     amplification = max |inverse(forward(x)) − x| / (ε · max |x|),
@@ -20,8 +26,9 @@ float32, x ~ N(0, 1)): σ = 0.05 keeps max |inverse(forward(x)) − x| near 1e-6
 on a random input x of that size, ε the unit roundoff of the model's dtype (2⁻²⁴ for float32):
 the rounding errors of the round trip, expressed in units of the dtype's own precision. For a
 Flow the round trip is ``decode(encode(x))`` (every layer's inverse, Splits with their kept z2).
-Forward passes are well conditioned (each output is a short sum of products), so what the round
-trip measures is the inverse's amplification. It is cheap (one forward and one inverse of a batch
+Each layer's forward pass is a short sum of products (and the couplings' product with s, which
+is where information can be squashed below rounding), so what the round trip measures is the
+inverse's amplification. It is cheap (one forward and one inverse of a batch
 of 2) and makes no assumption about the model, and a value of A means log2(A) of the dtype's 24
 (float32) or 53 (float64) significant bits are lost: above ``AMPLIFICATION_LIMIT`` = 1000
 (10 bits; a float32 error near 1e-4 on unit-scale data) the inverse is not to be trusted at that
@@ -39,17 +46,19 @@ pixel are amplified by about this factor.
 the failure they exist to stop; a warning in a long log is easy to miss, and a caller that wants
 to carry on can catch ``InverseAccuracyError``):
 
-- ``SensitivityProbe``, the sample check: ``Flow.sample`` adds to its batch two probe copies
-  of the first image's latents and, before every layer's inverse, pushes them apart by ±δ,
-  δ = 1e-3 · max |h| · N(0, 1) with h that layer's input in the probe rows: each layer's inverse
-  receives a perturbation like its rounding error, 1e-3 instead of ε in size, and carries it
-  down to the image with the gain of the inverses below it. The samples' rounding error is then
-  estimated as (ε / 1e-3) · max |x₊ − x₋| / 2: the same quantity as the round trip's (bench/
-  stability.py compares them). Why not re-encode the sample: the forward pass of a wrongly
-  inverted sample gives back its latents to rounding (a substitution solve is backward stable:
-  its residual is tiny even when its error is not), so only a second inverse can see the error;
-  riding along in the batch, it costs 2 of n + 2 images instead of a forward and an inverse of
-  one image (B = 1 leaves the batch-last kernels' SIMD lanes empty).
+- ``SensitivityProbe``, the sample check: ``Flow.sample`` adds to its batch one probe copy
+  of the first image's latents and, before every layer's inverse, pushes it away from the
+  first image by δ = 1e-3 · max |h| · r, r ~ N(0, 1), h that layer's input in the probe row: each
+  layer's inverse receives a perturbation like its rounding error, 1e-3 instead of ε in size,
+  and carries it down to the image with the gain of the inverses below it. The sample's
+  rounding error is then estimated as (ε / 1e-3) · max |x_probe − x₀|: the same quantity as
+  the round trip's (bench/stability.py compares them). Why not re-encode the sample: the
+  forward pass of a wrongly inverted sample gives back its latents to rounding (a substitution
+  solve is backward stable: its residual is tiny even when its error is not), so only a second
+  inverse can see the error; riding along in the batch, it costs one image of n + 1 instead of
+  a forward and an inverse of one image (B = 1 leaves the batch-last kernels' SIMD lanes
+  empty). Sampling 64 images, the check measured 1-4% of the call (``bench/stability.py
+  --check-cost``); for a handful of samples one more image is a larger share.
 - ``InputFingerprints``, the memory-saving check: the forward pass keeps, for each layer's input
   h, two numbers per sample, ⟨h, r⟩ with a fixed random r ~ N(0, 1) of one image's shape and
   ‖h‖. When backward rebuilds that input with ``inverse`` as h + e, ⟨r, e⟩ is a N(0, ‖e‖²) draw
@@ -86,7 +95,9 @@ def masked_convs_with_sizes(flow):
 
 
 def guard_conditioning(flow, scale=4, max_gain=GUARD_GAIN, shrink=GUARD_SHRINK, seed=0):
-    """The training-time guard: keep every masked convolution's inverse well conditioned at
+    """The training-time guard of the masked convolutions (the couplings have theirs in the
+    model: ``Flow(..., scale_bound=c)``, layers/coupling.py): keep every masked convolution's
+    inverse well conditioned at
     ``scale`` times the flow's image size. For each one whose ``inverse_gain`` at that size
     exceeds ``max_gain``, scale its off-centre taps by ``shrink`` until it does not (the self-tap,
     its triangle and diagonal, is left alone: it does not act across pixels). A gain ≤ 10 keeps
@@ -231,37 +242,45 @@ class InputFingerprints:
 
 
 class SensitivityProbe:
-    """The sample check (module docstring). ``extend`` a latent batch z (n, ...) to (n + 2, ...)
-    = [z, z₀, z₀], z₀ its first image; ``perturb`` h (n + 2, ...) before each layer's inverse:
-    the probe rows become h₊ + δ and h₋ − δ, δ = PERTURBATION · max |h₊, h₋| · N(0, 1) from a
-    fixed seed (the caller's generator is not touched); after the last inverse, ``error(x,
-    dtype)`` is the samples' estimated rounding error from the probe rows x₊, x₋:
+    """The sample check (module docstring). ``extend`` a latent batch z (n, ...) to (n + 1, ...)
+    = [z, z₀], z₀ its first image; ``perturb`` h (n + 1, ...) before each layer's inverse: the
+    probe row becomes h_probe + δ, δ = PERTURBATION · max |h_probe| · r, r a window of N(0, 1)
+    draws made once per sampling call (``size`` of them: an image's number of values, the most
+    any layer's input holds per image), each layer's window starting elsewhere, from a fixed
+    seed (the caller's generator is not touched); after the last inverse, ``error(x, dtype)``
+    is the samples' estimated rounding error from the probe row and the first sample:
 
-        ε / PERTURBATION · max |x₊ − x₋| / 2               (inf when x₊ or x₋ overflowed).
+        ε / PERTURBATION · max |x_probe − x₀|               (inf when either overflowed).
     """
 
-    def __init__(self, n, seed=0):
+    def __init__(self, n, size, seed=0):
         self.n = n
-        self.rng = np.random.default_rng(seed)
+        self.size = size
+        self.draws = np.random.default_rng(seed).standard_normal(2 * size)
+        self.start = 0
 
     def extend(self, z):
         xp = get_array_module(z)
-        return xp.concatenate([z, z[:1], z[:1]])
+        return xp.concatenate([z, z[:1]])
 
     def perturb(self, h):
-        """h with its two probe rows pushed apart, in place (h is an inverse's fresh output)."""
+        """h with its probe row pushed away from its first row, in place (h is an inverse's
+        fresh output)."""
         xp = get_array_module(h)
+        if not isinstance(self.draws, xp.ndarray) or self.draws.dtype != h.dtype:
+            self.draws = xp.asarray(self.draws, dtype=h.dtype)     # once per sampling call
+        count = h[self.n].size
+        window = self.draws[self.start:self.start + count].reshape(h.shape[1:])
+        self.start = (self.start + 1031) % self.size               # the next layer's window
         with np.errstate(over="ignore", invalid="ignore"):
-            # the scale stays on the device (float64, as a Python float would be): no wait
-            scale = PERTURBATION * xp.abs(h[self.n:]).max().astype(xp.float64)
-            delta = (scale * xp.asarray(self.rng.standard_normal(h.shape[1:]))).astype(h.dtype)
-            h[self.n] += delta
-            h[self.n + 1] -= delta
+            # the scale stays on the device (a 0-d array): no wait
+            scale = PERTURBATION * xp.abs(h[self.n]).max()
+            h[self.n] += scale * window
         return h
 
     def error(self, x, dtype):
         xp = get_array_module(x)
         with np.errstate(over="ignore", invalid="ignore"):
-            spread = float(xp.abs(x[self.n] - x[self.n + 1]).max()) / 2
+            spread = float(xp.abs(x[self.n] - x[0]).max())
         error = unit_roundoff(dtype) / PERTURBATION * spread
         return error if np.isfinite(error) else float("inf")

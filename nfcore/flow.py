@@ -42,15 +42,17 @@ STEP_KINDS = ("finc", "cinc", "emerging", "glow1x1")
 COUPLINGS = ("affine", "quad")
 
 
-def flow_step(invconv, coupling, channels, hidden, k, seed, dtype=np.float32):
-    """The layers of one flow step on ``channels`` channels (see the module docstring)."""
+def flow_step(invconv, coupling, channels, hidden, k, seed, dtype=np.float32, scale_bound=None):
+    """The layers of one flow step on ``channels`` channels (see the module docstring);
+    ``scale_bound``: the couplings' bound on |log s| (layers/coupling.py; None: Glow's form)."""
     if invconv not in STEP_KINDS:
         raise ValueError(f"unknown invconv {invconv!r}: choose one of {', '.join(STEP_KINDS)}")
     if coupling not in COUPLINGS:
         raise ValueError(f"unknown coupling {coupling!r}: choose one of {', '.join(COUPLINGS)}")
     make_coupling = AffineCoupling if coupling == "affine" else QuadCoupling
     C = channels
-    couple = make_coupling(channels=C, hidden=hidden, dtype=dtype, seed=seed + 3)
+    couple = make_coupling(channels=C, hidden=hidden, dtype=dtype, seed=seed + 3,
+                           scale_bound=scale_bound)
     actnorm = ActNorm(C, dtype=dtype)
     conv1x1 = Conv1x1(C, dtype=dtype, seed=seed + 1)
     if invconv == "finc":
@@ -74,7 +76,7 @@ class Flow:
     """
 
     def __init__(self, image_shape, levels=3, steps=32, hidden=512, invconv="finc",
-                 coupling="affine", k=3, seed=0, dtype=np.float32):
+                 coupling="affine", k=3, seed=0, dtype=np.float32, scale_bound=None):
         C, H, W = image_shape
         if H % 2 ** levels or W % 2 ** levels:
             raise ValueError(f"{levels} levels halve the image {levels} times: {H}×{W} must be "
@@ -82,14 +84,15 @@ class Flow:
         self.image_shape = tuple(image_shape)
         self.dtype = np.dtype(dtype)
         self.config = dict(levels=levels, steps=steps, hidden=hidden, invconv=invconv,
-                           coupling=coupling, k=k, seed=seed)
+                           coupling=coupling, k=k, seed=seed, scale_bound=scale_bound)
         self.layers = []
         for level in range(levels):
             C = C * 4                                    # after the squeeze
             self.layers.append(Squeeze())
             for step in range(steps):
                 self.layers += flow_step(invconv, coupling, C, hidden, k,
-                                         seed=seed + 1000 * level + 10 * step, dtype=dtype)
+                                         seed=seed + 1000 * level + 10 * step, dtype=dtype,
+                                         scale_bound=scale_bound)
             if level < levels - 1:
                 self.layers.append(Split(channels=C, dtype=dtype))
                 C = C // 2                               # the kept half
@@ -230,11 +233,11 @@ class Flow:
     def sample(self, n, temperature=1.0, rng=None, xp=np, dtype=None, tolerance=SAMPLE_TOLERANCE):
         """n images drawn at the given temperature: z ~ N(0, T²) at the top and at every Split.
 
-        With a ``tolerance`` (None: no check) the sampling checks its own inverse: two copies
-        of the first sample's latents ride along in the batch (2 of n + 2 images), pushed apart
-        before every layer's inverse by a perturbation like its rounding error, and
-        ``conditioning.SensitivityProbe`` turns their spread into the estimated rounding error
-        of the samples, kept in ``self.last_sample_error``. Past the
+        With a ``tolerance`` (None: no check) the sampling checks its own inverse: a copy of
+        the first sample's latents rides along in the batch (1 of n + 1 images), pushed away
+        from it before every layer's inverse by a perturbation like its rounding error, and
+        ``conditioning.SensitivityProbe`` turns the distance between the two images into the
+        estimated rounding error of the samples, kept in ``self.last_sample_error``. Past the
         tolerance this raises ``InverseAccuracyError``: the samples are finite but are not what
         the model defines, because its inverse amplifies rounding errors (an ill-conditioned
         masked convolution). The n samples are the same with and without the check.
@@ -263,11 +266,11 @@ class Flow:
         return x[:n]
 
     def _inverse_with_probes(self, z_top, temperature, rng):
-        """The inverse of z_top (n images) with two probe images, pushed apart before every
-        layer's inverse (``conditioning.SensitivityProbe``); the n images get the same draws at
-        every Split as ``inverse`` gives them, the probes copies of the first image's."""
+        """The inverse of z_top (n images) with one probe image, pushed away from the first
+        before every layer's inverse (``conditioning.SensitivityProbe``); the n images get the
+        same draws at every Split as ``inverse`` gives them, the probe a copy of the first's."""
         n = len(z_top)
-        self._probe = SensitivityProbe(n)
+        self._probe = SensitivityProbe(n, size=int(np.prod(self.image_shape)))
         h = self._probe.extend(z_top)
         with finite_checks_deferred():
             for layer in reversed(self.layers):
