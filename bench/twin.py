@@ -296,10 +296,14 @@ class Coupling(nn.Module):
 
         shift, raw = f_k(x[:, :bounds[k]]).chunk(2)
         y_{k+1} = (x_{k+1} + shift) · sigmoid(raw + 2),    logdet += Σ log sigmoid(raw + 2)
+
+    with log s = log sigmoid(raw + 2) squashed to −c·tanh(−log sigmoid(raw + 2) / c) when the
+    layer has a ``scale_bound`` c.
     """
 
-    def __init__(self, net_names, channels, hidden):
+    def __init__(self, net_names, channels, hidden, scale_bound=None):
         super().__init__()
+        self.scale_bound = scale_bound
         n = len(net_names) + 1
         self.bounds = [k * channels // n for k in range(n + 1)]
         self.net_names = tuple(net_names)
@@ -312,11 +316,17 @@ class Coupling(nn.Module):
         for k, name in enumerate(self.net_names):
             yield getattr(self, name), self.bounds[k + 1], self.bounds[k + 2]
 
+    def log_scale(self, raw):
+        log_s = F.logsigmoid(raw + SCALE_SHIFT)
+        if self.scale_bound is None:
+            return log_s
+        return -self.scale_bound * torch.tanh(-log_s / self.scale_bound)
+
     def forward(self, x):
         outputs, logdet = [x[:, :self.bounds[1]]], 0
         for net, lo, hi in self.blocks():
             shift, raw = net(x[:, :lo]).chunk(2, dim=1)
-            log_s = F.logsigmoid(raw + SCALE_SHIFT)
+            log_s = self.log_scale(raw)
             outputs.append((x[:, lo:hi] + shift) * log_s.exp())
             logdet = logdet + log_s.sum(dim=(1, 2, 3))
         return torch.cat(outputs, dim=1), logdet
@@ -325,7 +335,7 @@ class Coupling(nn.Module):
         x = y[:, :self.bounds[1]]
         for net, lo, hi in self.blocks():          # x holds the blocks before lo, solved already
             shift, raw = net(x).chunk(2, dim=1)
-            x = torch.cat([x, y[:, lo:hi] * (-F.logsigmoid(raw + SCALE_SHIFT)).exp() - shift], dim=1)
+            x = torch.cat([x, y[:, lo:hi] * (-self.log_scale(raw)).exp() - shift], dim=1)
         return x
 
 
@@ -431,7 +441,7 @@ def twin_layer(layer):
     if isinstance(layer, nf.BlockCoupling):
         if layer.actnorm:
             raise ValueError("the twin's coupling networks have no ActNorm (Flow never uses it)")
-        return Coupling(layer.net_names, layer.channels, layer.hidden)
+        return Coupling(layer.net_names, layer.channels, layer.hidden, layer.scale_bound)
     if isinstance(layer, nf.Split):
         return Split(layer.channels)
     raise TypeError(f"no twin for the layer {type(layer).__name__}")
@@ -470,7 +480,7 @@ def relative_error(actual, expected):
 
 
 def agreement(invconv, coupling, dtype=np.float64, image_shape=(3, 8, 8), levels=2, steps=2,
-              hidden=8, batch=4, seed=0, device="cpu"):
+              hidden=8, batch=4, seed=0, device="cpu", scale_bound=None):
     """Max relative errors of the twin against nfcore on one small model:
     {"log p", "latents", "gradients", "decode"}, and the parameter with the worst gradient.
 
@@ -482,7 +492,7 @@ def agreement(invconv, coupling, dtype=np.float64, image_shape=(3, 8, 8), levels
     with nfcore_backend(device):
         xp = default_array_module()
         flow = Flow(image_shape, levels, steps, hidden, invconv, coupling, k=3, seed=seed,
-                    dtype=dtype)
+                    dtype=dtype, scale_bound=scale_bound)
         x = xp.asarray(synthetic_images(batch, image_shape, seed).astype(dtype))
         flow.forward(x)
         rng = np.random.default_rng(seed + 1)

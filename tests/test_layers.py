@@ -56,7 +56,9 @@ CASES = [
     Case("AffineCoupling", lambda: AffineCoupling(hidden=8, seed=10)),
     Case("AffineCoupling[C=5,actnorm]", lambda: AffineCoupling(hidden=8, actnorm=True, seed=11),
          shape=(2, 5, 3, 4)),
+    Case("AffineCoupling[scale_bound]", lambda: AffineCoupling(hidden=8, seed=14, scale_bound=0.3)),
     Case("QuadCoupling", lambda: QuadCoupling(hidden=8, seed=12)),
+    Case("QuadCoupling[scale_bound]", lambda: QuadCoupling(hidden=8, seed=15, scale_bound=0.3)),
     Case("QuadCoupling[C=6]", lambda: QuadCoupling(hidden=8, seed=13), shape=(2, 6, 3, 3)),
     Case("Squeeze", lambda: Squeeze(), shape=(2, 3, 4, 6)),
     Case("Split", lambda: Split()),
@@ -177,6 +179,31 @@ def test_couplings_start_as_a_fixed_scaling():
         assert np.array_equal(y[:, :kept], x[:, :kept])
         np.testing.assert_allclose(y[:, kept:], s * x[:, kept:], rtol=1e-14)
         np.testing.assert_allclose(logdet, (6 - kept) * 9 * math.log(s), rtol=1e-14)
+
+
+def test_scale_bound_bounds_the_inverse_gain():
+    """With scale_bound c, log s lies in [−c, 0] however far the network's output goes, so the
+    inverse multiplies an error in y by at most e^c; where s is not small it is Glow's s."""
+    from nfcore.layers.coupling import _log_scale
+    raw = np.array([-200.0, -40.0, -2.0, 0.0, 3.0, 50.0])
+    unbounded, _ = _log_scale(raw)
+    bounded, slope = _log_scale(raw, 3.0)
+    assert unbounded[0] < -190 and np.all(bounded >= -3.0) and np.all(bounded <= 0)
+    np.testing.assert_allclose(bounded[3:], unbounded[3:], rtol=2e-3)     # q = 0.13, 0.007, ~0
+    np.testing.assert_allclose(slope, (_log_scale(raw + 1e-6, 3.0)[0] - _log_scale(raw - 1e-6, 3.0)[0])
+                               / 2e-6, rtol=1e-6, atol=1e-9)   # atol: the difference's resolution, ulp(3) / 2e-6
+    layer = AffineCoupling(hidden=8, seed=3, scale_bound=3.0)
+    x = np.random.default_rng(4).standard_normal((2, 4, 4, 4))
+    layer.forward(x)
+    layer.parts["nn"].params["conv3.weight"][...] = -50.0       # raw far below: s -> 0 unbounded
+    y, logdet = layer.forward(x)
+    assert np.all(logdet >= -3.0 * 2 * 16)
+    dy = np.zeros_like(y)
+    dy[:, 2:] = 1e-6                                              # an error in y_b ...
+    dx = layer.inverse(y + dy) - layer.inverse(y)
+    assert np.abs(dx).max() < 1e-6 * np.exp(3.0) * (1 + 1e-6)     # ... grows by at most e^3
+    with pytest.raises(ValueError, match="scale_bound"):
+        AffineCoupling(hidden=4, scale_bound=0)
 
 
 def test_split_prior_starts_standard_normal():

@@ -19,6 +19,14 @@ def test_twin_agrees_with_nfcore_in_float64(invconv, coupling):
     assert max(errors.values()) <= tolerance, (errors, f"worst gradient: {worst}")
 
 
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_twin_agrees_with_a_bounded_coupling_scale(coupling):
+    """scale_bound 0.1: log sigmoid(raw + 2) ≈ −0.13 already passes the bound, so the tanh
+    squash and its slope in the hand-written backward are exercised against autograd."""
+    errors, worst = twin.agreement("finc", coupling, "float64", scale_bound=0.1)
+    assert max(errors.values()) <= twin.TOLERANCE[twin.np.dtype("float64")], (errors, worst)
+
+
 def test_twin_refuses_an_uninitialized_flow():
     flow = twin.Flow((3, 8, 8), levels=1, steps=1, hidden=4, invconv="glow1x1")
     with pytest.raises(ValueError, match="not initialized"):

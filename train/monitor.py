@@ -34,4 +34,5 @@ def check_reconstruction(flow, x, threshold=RECON_THRESHOLD):
         return error, None
     return error, (f"warning: recon_error {error:.1e} > {threshold:g}: decode(encode(x)) is off by "
                    f"more than the threshold; the model's inverse (sampling, --recompute) is "
-                   f"ill-conditioned (see nfcore/conditioning.py; --guard keeps it in check)")
+                   f"ill-conditioned (see nfcore/conditioning.py; --guard bounds the masked "
+                   f"convolutions, --scale-bound the couplings)")

@@ -13,7 +13,7 @@ A step whose loss or gradients are NaN/Inf is skipped and logged; too many in a 
 run, keeping the last checkpoint.
 
 --resume continues exactly where the checkpoint stopped. It refuses a change to the model
-(--levels --steps --hidden --invconv --coupling --k --seed) or the data (--dataset --n-bits
+(--levels --steps --hidden --invconv --coupling --scale-bound --k --seed) or the data (--dataset --n-bits
 --batch-size --image-size), naming the option. The training options (--lr --warmup
 --max-grad-norm --ema --recompute/--no-recompute --epochs --max-steps --eval-every
 --sample-every --guard) may change: the new values apply from the resumed step on, are printed, logged
@@ -98,6 +98,11 @@ def parse_args(argv=None):
                             "(k+1)/2 convolutions, 2x2 for k=3, a kxk receptive field like "
                             "finc and cinc; k must be odd), glow1x1 (1x1 only). Default finc")
     model.add_argument("--coupling", choices=COUPLINGS, help="default affine")
+    model.add_argument("--scale-bound", type=positive_float, metavar="C",
+                       help="bound the affine couplings' scale: log s squashed into [-C, 0], so "
+                            "their inverse multiplies errors by at most e^C on any input "
+                            "(nfcore/layers/coupling.py; e.g. --scale-bound 3). Default off: "
+                            "Glow's s = sigmoid(raw + 2), unbounded below")
     model.add_argument("--k", type=positive_int,
                        help="kernel size of the k×k convolutions, >= 1 (default 3)")
     model.add_argument("--n-bits", type=in_range(1, 8, int),
@@ -172,7 +177,8 @@ def make_config(args, image_shape):
     config.update(dataset=args.dataset, image_shape=list(image_shape), invconv=args.invconv,
                   coupling=args.coupling, k=args.k, seed=args.seed, max_steps=args.max_steps,
                   max_grad_norm=args.max_grad_norm, ema=args.ema, image_size=args.image_size,
-                  recompute=args.recompute, guard=args.guard)
+                  recompute=args.recompute, guard=args.guard,
+                  scale_bound=args.scale_bound)
     return config
 
 

@@ -15,12 +15,14 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .cli import BLAS_THREADS_HELP, limit_blas_threads, positive_int
 from .images import save_image_grid
 
-MODEL_KEYS = ("levels", "steps", "hidden", "invconv", "coupling", "k", "seed")
+MODEL_KEYS = ("levels", "steps", "hidden", "invconv", "coupling", "k", "seed", "scale_bound")
+LATER_MODEL_KEYS = {"scale_bound": None}   # added after the first checkpoints: absent = this value
 
 
 def build_flow(config):
     """A Flow from a run's config (image_shape and the MODEL_KEYS)."""
-    return Flow(tuple(config["image_shape"]), **{key: config[key] for key in MODEL_KEYS})
+    return Flow(tuple(config["image_shape"]),
+                **{key: config[key] if key in config else LATER_MODEL_KEYS[key] for key in MODEL_KEYS})
 
 
 def save_training_checkpoint(path, flow, optimizer, meta):

@@ -12,6 +12,16 @@ Shapes: x, y (B, C, H, W). x_a = the first C // 2 channels, x_b = the other C - 
 The network's last conv is zero-initialized, so h = 0 at the start and the layer starts as the
 fixed map y_a = x_a, y_b = sigmoid(2) · x_b ≈ 0.881 · x_b (as in Glow; not the identity).
 
+**Bounded scale** (``scale_bound`` = c, off by default: Glow's form above). The inverse divides
+by s, so an input the networks were not trained on (an image 4× the training size, noise) can
+drive s towards 0 — log s of −40 on enlarged 8×8 digits, measured — and the rounding errors of
+the layers above are multiplied by 1/s ≈ 1e17 on the way down: finite, wrong reconstructions.
+With a bound, log s is squashed smoothly into [−c, 0], so that 1/s ≤ e^c::
+
+    q = softplus(−(raw + 2))          (= −log sigmoid(raw + 2) ≥ 0)
+    log s = −c · tanh(q / c)          (≈ −q while q ≪ c: the same layer where s is not small)
+    d log s / d raw = (1 − s₀) · (1 − tanh²(q / c)),   s₀ = sigmoid(raw + 2) = e^(−q)
+
 Backward of one affine step (``affine_backward``), L the loss, dlogdet = dL/dlogdet (B,)::
 
     dx_b   = dy_b · s
@@ -41,9 +51,16 @@ from .base import check_images, check_same_device
 SCALE_SHIFT = 2.0    # s = sigmoid(raw + 2): starts at 0.88, close to 1, and bounded in (0, 1)
 
 
-def _log_scale(raw):
-    """log s = log sigmoid(raw + 2) = -softplus(-(raw + 2)), without overflow."""
-    return -get_array_module(raw).logaddexp(0, -(raw + SCALE_SHIFT))
+def _log_scale(raw, bound=None):
+    """(log s, d log s / d raw) from raw, without overflow; log s = log sigmoid(raw + 2) =
+    −softplus(−(raw + 2)), squashed into [−bound, 0] when a bound is given (module docstring).
+    The slope is None without a bound: backward computes it as 1 − s."""
+    xp = get_array_module(raw)
+    q = xp.logaddexp(0, -(raw + SCALE_SHIFT))
+    if bound is None:
+        return -q, None
+    squashed = xp.tanh(q / bound)
+    return -bound * squashed, -xp.expm1(-q) * (1 - squashed * squashed)
 
 
 def _shift_raw(h):
@@ -51,28 +68,30 @@ def _shift_raw(h):
     return h[:, :n], h[:, n:]
 
 
-def affine_forward(x, h):
+def affine_forward(x, h, bound=None):
     """y = (x + shift) · s and logdet (B,) = Σ log s, from h = [shift, raw]; and a cache."""
     shift, raw = _shift_raw(h)
-    log_s = _log_scale(raw)
+    log_s, slope = _log_scale(raw, bound)
     s = get_array_module(x).exp(log_s)
     shifted = x + shift
-    return shifted * s, log_s.sum(axis=(1, 2, 3)), (shifted, s)
+    return shifted * s, log_s.sum(axis=(1, 2, 3)), (shifted, s, slope)
 
 
-def affine_inverse(y, h):
+def affine_inverse(y, h, bound=None):
     """x = y / s - shift."""
     shift, raw = _shift_raw(h)
-    return y * get_array_module(y).exp(-_log_scale(raw)) - shift
+    log_s, _ = _log_scale(raw, bound)
+    return y * get_array_module(y).exp(-log_s) - shift
 
 
 def affine_backward(dy, dlogdet, cache):
-    """(dx, dh) of one affine step: see the module docstring."""
-    shifted, s = cache
+    """(dx, dh) of one affine step: see the module docstring (d log s / d raw = 1 − s without
+    a bound, the cached slope with one)."""
+    shifted, s, slope = cache
     xp = get_array_module(dy)
     dlogdet = dlogdet.astype(s.dtype, copy=False)[:, None, None, None]
     dx = dy * s
-    draw = (dx * shifted + dlogdet) * (1 - s)
+    draw = (dx * shifted + dlogdet) * ((1 - s) if slope is None else slope)
     return dx, xp.concatenate([dx, draw], axis=1)
 
 
@@ -80,10 +99,15 @@ class BlockCoupling(Composite):
     """n-block autoregressive affine coupling (see the module docstring); networks built lazily.
 
     ``net_names``: the names of the n-1 networks f_1 .. f_{n-1} (their params' prefixes).
+    ``scale_bound``: None (Glow's s = sigmoid(raw + 2)) or c > 0, log s squashed into [−c, 0].
     """
 
-    def __init__(self, net_names, channels=None, hidden=512, actnorm=False, dtype=None, seed=0):
+    def __init__(self, net_names, channels=None, hidden=512, actnorm=False, dtype=None, seed=0,
+                 scale_bound=None):
         super().__init__()
+        if scale_bound is not None and not scale_bound > 0:
+            raise ValueError(f"scale_bound must be None or > 0, got {scale_bound!r}")
+        self.scale_bound = None if scale_bound is None else float(scale_bound)
         self.net_names = tuple(net_names)
         self.n_blocks = len(self.net_names) + 1
         self.hidden = hidden
@@ -127,7 +151,8 @@ class BlockCoupling(Composite):
         logdet = xp.zeros(x.shape[0], dtype=x.dtype)
         self._cache = []
         for net, lo, hi in self._blocks():
-            y[:, lo:hi], block_logdet, cache = affine_forward(x[:, lo:hi], net.forward(x[:, :lo]))
+            y[:, lo:hi], block_logdet, cache = affine_forward(x[:, lo:hi], net.forward(x[:, :lo]),
+                                                                    self.scale_bound)
             logdet += block_logdet
             self._cache.append(cache)
         return y, logdet
@@ -141,7 +166,7 @@ class BlockCoupling(Composite):
         self._cache = None
         x = y.copy()
         for net, lo, hi in self._blocks():
-            x[:, lo:hi] = affine_inverse(y[:, lo:hi], net.forward(x[:, :lo]))
+            x[:, lo:hi] = affine_inverse(y[:, lo:hi], net.forward(x[:, :lo]), self.scale_bound)
         return x
 
     def backward(self, dy, dlogdet):
@@ -167,8 +192,9 @@ class AffineCoupling(BlockCoupling):
     """Glow's affine coupling: y_b = (x_b + shift) · sigmoid(raw + 2), [shift, raw] = NN(x_a).
 
     params: the network's, under "nn." ("nn.conv1.weight", ..., "nn.conv3.logs").
-    ``hidden``: the network's width; ``actnorm``: ActNorm after its hidden convs (Glow's choice).
+    ``hidden``: the network's width; ``actnorm``: ActNorm after its hidden convs (Glow's choice);
+    ``scale_bound``: see the module docstring (None: Glow's form).
     """
 
-    def __init__(self, channels=None, hidden=512, actnorm=False, dtype=None, seed=0):
-        super().__init__(("nn",), channels, hidden, actnorm, dtype, seed)
+    def __init__(self, channels=None, hidden=512, actnorm=False, dtype=None, seed=0, scale_bound=None):
+        super().__init__(("nn",), channels, hidden, actnorm, dtype, seed, scale_bound)

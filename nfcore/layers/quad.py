@@ -33,5 +33,5 @@ from .coupling import BlockCoupling
 class QuadCoupling(BlockCoupling):
     """Four-block coupling: y_{k+1} = (z_{k+1} + t_k) · sigmoid(raw_k + 2), f_k([z_1..z_k])."""
 
-    def __init__(self, channels=None, hidden=512, actnorm=False, dtype=None, seed=0):
-        super().__init__(("f1", "f2", "f3"), channels, hidden, actnorm, dtype, seed)
+    def __init__(self, channels=None, hidden=512, actnorm=False, dtype=None, seed=0, scale_bound=None):
+        super().__init__(("f1", "f2", "f3"), channels, hidden, actnorm, dtype, seed, scale_bound)
