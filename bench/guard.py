@@ -146,7 +146,7 @@ def main():
     for rows in (digits_rows(args.steps), synthetic_rows(args.synthetic_steps),
                  synthetic_rows(args.synthetic_steps, drift=0.2, guards=drifted)):
         columns = list(rows[0][3])
-        print(f"\n| data | guards | test bits/dim | " + " | ".join(f"recon {c}" for c in columns)
+        print("\n| data | guards | test bits/dim | " + " | ".join(f"recon {c}" for c in columns)
               + " | largest gain at 4× | rescaled | train s |")
         print("|---" * (len(columns) + 6) + "|")
         for data, name, bpd, recon, gain, rescaled, seconds in rows:
