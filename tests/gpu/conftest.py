@@ -102,3 +102,16 @@ def xp():
 def to_host(a):
     """A NumPy array from a NumPy or CuPy array."""
     return a.get() if type(a).__module__.startswith("cupy") else np.asarray(a)
+
+
+
+def assert_close(actual, expected, dtype):
+    """Equal up to rounding, on the host, same dtype and shape: the GPU fuses multiplies and adds
+    (FMA) and the weight gradient sums in another order, so bit-for-bit equality is not asked
+    for."""
+    actual, expected = to_host(actual), to_host(expected)
+    assert isinstance(actual, np.ndarray)
+    assert actual.dtype == expected.dtype == dtype and actual.shape == expected.shape
+    tol = 1e-4 if dtype == np.float32 else 1e-11
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)

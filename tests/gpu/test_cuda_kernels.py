@@ -17,7 +17,7 @@ import nfcore
 from nfcore import kernels
 from nfcore.kernels import CanonicalLayout, cpu as cpu_module
 
-from .conftest import to_host
+from .conftest import assert_close, to_host
 
 cpu = CanonicalLayout(cpu_module)   # the CPU kernels in the CUDA kernels' (G, B, H, W, C) layout
 
@@ -44,18 +44,6 @@ def make_case(G, B, H, W, C, k, dtype, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((G, B, H, W, C)).astype(dtype)
     return x, make_weight(rng, G, k, C, dtype), rng
-
-
-def assert_close(actual, expected, dtype):
-    """Equal up to rounding: the GPU fuses multiplies and adds (FMA) and the weight gradient
-    sums in another order, so bit-for-bit equality is not asked for."""
-    actual = to_host(actual)
-    assert isinstance(actual, np.ndarray)
-    assert actual.dtype == expected.dtype == dtype
-    assert actual.shape == expected.shape
-    tol = 1e-4 if dtype == np.float32 else 1e-11
-    scale = max(1.0, float(np.abs(expected).max()))
-    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
 
 
 def check_output_kind(result, xp):

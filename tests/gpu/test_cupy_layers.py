@@ -9,7 +9,7 @@ import pytest
 
 import nfcore
 
-from .conftest import AVAILABLE, CUPY, SIMULATOR, SKIP_REASON, to_host
+from .conftest import AVAILABLE, CUPY, SIMULATOR, SKIP_REASON, assert_close, to_host
 
 pytestmark = pytest.mark.skipif(
     not CUPY, reason=SKIP_REASON if not AVAILABLE
@@ -18,14 +18,6 @@ pytestmark = pytest.mark.skipif(
     else "needs CuPy (a real GPU is present, but CuPy is not installed or sees no GPU)")
 
 DTYPES = (np.float32, np.float64)
-
-
-def assert_close(actual, expected, dtype):
-    actual, expected = to_host(actual), to_host(expected)
-    assert actual.dtype == expected.dtype == dtype and actual.shape == expected.shape
-    tol = 1e-4 if dtype == np.float32 else 1e-11
-    scale = max(1.0, float(np.abs(expected).max()))
-    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
 
 
 def layer_results(make_layer, params, x, dy, dlogdet, xp):
