@@ -14,8 +14,9 @@ fixed map y_a = x_a, y_b = sigmoid(2) · x_b ≈ 0.881 · x_b (as in Glow; not t
 
 **Bounded scale** (``scale_bound`` = c, off by default: Glow's form above). The inverse divides
 by s, so an input the networks were not trained on (an image 4× the training size, noise) can
-drive s towards 0 — log s of −40 on enlarged 8×8 digits, measured — and the rounding errors of
-the layers above are multiplied by 1/s ≈ 1e17 on the way down: finite, wrong reconstructions.
+drive s towards 0 — log s of −40 on the digits model's 4×-size inputs, measured — and the
+rounding errors of the layers above are multiplied by 1/s ≈ 1e17 on the way down: finite,
+wrong reconstructions.
 With a bound, log s is squashed smoothly into [−c, 0], so that 1/s ≤ e^c::
 
     q = softplus(−(raw + 2))          (= −log sigmoid(raw + 2) ≥ 0)
@@ -151,8 +152,8 @@ class BlockCoupling(Composite):
         logdet = xp.zeros(x.shape[0], dtype=x.dtype)
         self._cache = []
         for net, lo, hi in self._blocks():
-            y[:, lo:hi], block_logdet, cache = affine_forward(x[:, lo:hi], net.forward(x[:, :lo]),
-                                                                    self.scale_bound)
+            h = net.forward(x[:, :lo])
+            y[:, lo:hi], block_logdet, cache = affine_forward(x[:, lo:hi], h, self.scale_bound)
             logdet += block_logdet
             self._cache.append(cache)
         return y, logdet
