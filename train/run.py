@@ -13,8 +13,8 @@ A step whose loss or gradients are NaN/Inf is skipped and logged; too many in a 
 run, keeping the last checkpoint.
 
 --resume continues exactly where the checkpoint stopped. It refuses a change to the model
-(--levels --steps --hidden --invconv --coupling --scale-bound --k --seed) or the data (--dataset --n-bits
---batch-size --image-size), naming the option. The training options (--lr --warmup
+(--levels --steps --hidden --invconv --coupling --scale-bound --k --seed) or the data
+(--dataset --n-bits --batch-size --image-size), naming the option. The training options (--lr --warmup
 --max-grad-norm --ema --recompute/--no-recompute --epochs --max-steps --eval-every
 --sample-every --guard) may change: the new values apply from the resumed step on, are printed, logged
 in metrics.jsonl and recorded in config.json.
@@ -101,8 +101,9 @@ def parse_args(argv=None):
     model.add_argument("--scale-bound", type=positive_float, metavar="C",
                        help="bound the affine couplings' scale: log s squashed into [-C, 0], so "
                             "their inverse multiplies errors by at most e^C on any input "
-                            "(nfcore/layers/coupling.py; e.g. --scale-bound 3). Default off: "
-                            "Glow's s = sigmoid(raw + 2), unbounded below")
+                            "(nfcore/layers/coupling.py; e.g. --scale-bound 1, what kept the "
+                            "digits model invertible at 4x its size in bench/guard.py). Default "
+                            "off: Glow's s = sigmoid(raw + 2), unbounded below")
     model.add_argument("--k", type=positive_int,
                        help="kernel size of the k×k convolutions, >= 1 (default 3)")
     model.add_argument("--n-bits", type=in_range(1, 8, int),
