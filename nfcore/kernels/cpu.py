@@ -243,10 +243,6 @@ def conv_forward(x, w):
     return y
 
 
-def _n_chunks(B):
-    return -(-B // LANE_CHUNK)
-
-
 @njit(parallel=True, cache=True)
 def _sweep(y, w, n_chunks):
     G, H, W, _, B = y.shape
@@ -313,12 +309,13 @@ def wavefront_inverse(y, w):
 
 
 @njit(parallel=True, cache=True)
-def _weight_grad_partials(x, dy, k, n_chunks):
+def _weight_grad_partials(x, dy, k):
     """partial[g, a, b, chunk, ci, co, n] = sum_{i, j} x[g, i', j', ci, n] * dy[g, i, j, co, n]
     for the images n of one chunk; parallel over (group, tap, chunk)."""
     G, H, W, C_in, B = x.shape
     C_out = dy.shape[3]
     chunk = min(B, LANE_CHUNK)
+    n_chunks = -(-B // chunk)
     partial = np.zeros((G, k, k, n_chunks, C_in, C_out, chunk), dtype=x.dtype)
     for t in prange(G * k * k * n_chunks):
         g = t // (k * k * n_chunks)
@@ -349,7 +346,7 @@ def conv_weight_grad(x, dy, k):
     the images), then over the lanes and chunks in a fixed order: deterministic, whatever the
     number of threads. Returns (G, k, k, C_in, C_out).
     """
-    partial = _weight_grad_partials(x, dy, int(k), _n_chunks(x.shape[4]))
+    partial = _weight_grad_partials(x, dy, int(k))
     return partial.sum(axis=(3, 6))
 
 
