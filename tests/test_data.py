@@ -1,6 +1,7 @@
 """Data loaders read small files written here in each official format; dequantization,
 bits/dim and batching are checked against hand-computed values."""
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -14,7 +15,7 @@ from PIL import Image
 
 from data import (Batches, bits_per_dim, iterate_test_batches, load_dataset, postprocess,
                   preprocess)
-from data import download
+from data import download, mnist
 
 
 def random_images(rng, n, c, h, w):
@@ -152,6 +153,126 @@ def test_mnist_missing_and_malformed_files(tmp_path):
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz"):
         load_dataset("mnist", data_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------- Fashion-MNIST
+
+def write_idx_pair(folder, train, test, gzipped=False):
+    """The two idx3 image files of ``train`` and ``test`` ((N, rows, cols) uint8) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, images in (("train-images-idx3-ubyte", train), ("t10k-images-idx3-ubyte", test)):
+        content = idx_bytes(images)
+        if gzipped:
+            (folder / (name + ".gz")).write_bytes(gzip.compress(content))
+        else:
+            (folder / name).write_bytes(content)
+
+
+@pytest.fixture
+def fashion_folders(tmp_path, monkeypatch):
+    """(Debian's folder, the cache folder), both empty, in place of the real ones."""
+    debian = tmp_path / "debian" / "fashion-mnist"
+    monkeypatch.setattr(mnist, "DEBIAN_FASHION_MNIST_DIR", str(debian))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return debian, tmp_path / "home" / ".cache" / "nfcore" / "fashion-mnist"
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_fashion_mnist_idx_files(tmp_path, gzipped):
+    rng = np.random.default_rng(11)
+    train = rng.integers(0, 256, size=(4, 28, 28), dtype=np.uint8)
+    test = rng.integers(0, 256, size=(2, 28, 28), dtype=np.uint8)
+    write_idx_pair(tmp_path, train, test, gzipped)
+    got_train, got_test = load_dataset("fashion-mnist", data_dir=tmp_path)
+    assert got_train.shape == (4, 1, 28, 28) and got_test.shape == (2, 1, 28, 28)
+    assert got_train.dtype == np.uint8 and got_test.dtype == np.uint8
+    np.testing.assert_array_equal(got_train[:, 0], train)
+    np.testing.assert_array_equal(got_test[:, 0], test)
+    with pytest.raises(ValueError, match="fashion-mnist images are 28"):
+        load_dataset("fashion-mnist", data_dir=tmp_path, image_size=64)
+
+
+def test_fashion_mnist_missing_files_name_the_folders_and_both_remedies(tmp_path, fashion_folders):
+    debian, cache = fashion_folders
+    with pytest.raises(FileNotFoundError) as error:
+        load_dataset("fashion-mnist")
+    message = str(error.value)
+    for text in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte", str(debian), str(cache),
+                 "apt-get install dataset-fashion-mnist", "--download"):
+        assert text in message
+    assert message.index(str(debian)) < message.index(str(cache))
+    given = tmp_path / "given"
+    with pytest.raises(FileNotFoundError, match=f"searched {given}\\. .*apt-get install "
+                                                f"dataset-fashion-mnist.*--download"):
+        load_dataset("fashion-mnist", data_dir=given)
+
+
+def test_fashion_mnist_corrupt_files(tmp_path):
+    images = np.zeros((2, 28, 28), np.uint8)
+    write_idx_pair(tmp_path, images, images, gzipped=True)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images, 2049)))
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz.*2049.*2051"):
+        load_dataset("fashion-mnist", data_dir=tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images)[:10]))
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz.*too short.*10 bytes"):
+        load_dataset("fashion-mnist", data_dir=tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(idx_bytes(images))   # not gzipped
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz: cannot be read"):
+        load_dataset("fashion-mnist", data_dir=tmp_path)
+
+
+def test_fashion_mnist_folder_order(tmp_path, fashion_folders):
+    """An explicit folder wins; else Debian's folder (when it holds both files), then the cache."""
+    debian, cache = fashion_folders
+    given = tmp_path / "given"
+    for folder, count in ((given, 1), (debian, 2), (cache, 3)):
+        images = np.full((count, 28, 28), count, np.uint8)
+        write_idx_pair(folder, images, images, gzipped=folder == debian)
+    assert len(load_dataset("fashion-mnist", data_dir=given)[0]) == 1
+    assert len(load_dataset("fashion-mnist")[0]) == 2
+    os.remove(debian / "t10k-images-idx3-ubyte.gz")           # an incomplete folder is passed over
+    assert len(load_dataset("fashion-mnist")[0]) == 3
+    os.remove(given / "t10k-images-idx3-ubyte")               # an explicit folder is the only one
+    with pytest.raises(FileNotFoundError, match=f"searched {given}\\."):
+        load_dataset("fashion-mnist", data_dir=given)
+
+
+def test_fashion_mnist_download_into_the_cache(tmp_path, fashion_folders, monkeypatch):
+    debian, cache = fashion_folders
+    train = np.full((3, 28, 28), 7, np.uint8)
+    test = np.full((2, 28, 28), 9, np.uint8)
+    served = {"train-images-idx3-ubyte.gz": gzip.compress(idx_bytes(train)),
+              "t10k-images-idx3-ubyte.gz": gzip.compress(idx_bytes(test))}
+    requested = []
+
+    def fake_urlopen(url, timeout=None):
+        requested.append(url)
+        return io.BytesIO(served[url.rsplit("/", 1)[1]])
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    with pytest.raises(RuntimeError, match="checksum mismatch.*8d4fb7e6c68d591d4c3dfef9ec88bf0d"):
+        load_dataset("fashion-mnist", download=True)          # the official MD5s are checked
+    assert os.listdir(cache) == []
+    served_md5 = {name: hashlib.md5(content).hexdigest() for name, content in served.items()}
+    monkeypatch.setattr(download, "FASHION_MNIST_MD5", served_md5)
+    requested.clear()
+    got_train, got_test = load_dataset("fashion-mnist", download=True)
+    assert requested == ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/" + name
+                         for name in served]
+    assert sorted(os.listdir(cache)) == sorted(served) and not debian.exists()
+    np.testing.assert_array_equal(got_train[:, 0], train)
+    np.testing.assert_array_equal(got_test[:, 0], test)
+    given = tmp_path / "given"                                # --data-dir: downloaded there
+    load_dataset("fashion-mnist", data_dir=given, download=True)
+    assert sorted(os.listdir(given)) == sorted(served)
+
+
+@pytest.mark.skipif(not os.path.isdir(mnist.DEBIAN_FASHION_MNIST_DIR),
+                    reason=f"Debian's dataset-fashion-mnist is not installed "
+                           f"({mnist.DEBIAN_FASHION_MNIST_DIR} is missing)")
+def test_fashion_mnist_debian_package_files():
+    train, test = load_dataset("fashion-mnist", data_dir=mnist.DEBIAN_FASHION_MNIST_DIR)
+    assert train.shape == (60000, 1, 28, 28) and test.shape == (10000, 1, 28, 28)
+    assert train.dtype == np.uint8 and test.dtype == np.uint8
 
 
 # ------------------------------------------------------------------------------ ImageNet32

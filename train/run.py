@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import nfcore
 from data import DATASETS, Batches, load_dataset
+from data.mnist import DEBIAN_FASHION_MNIST_DIR
 from nfcore.backend import get_array_module, to_device
 from nfcore.flow import COUPLINGS, STEP_KINDS
 from nfcore.conditioning import InverseAccuracyError, guard_conditioning
@@ -52,10 +53,12 @@ from .session import (MODEL_KEYS, build_flow, evaluate_bits_per_dim, load_flow, 
 # 16 maps to the top level, as 15 does.
 PAPER = dict(levels=3, steps=32, hidden=512, n_bits=8, batch_size=64, lr=1e-3, warmup=2000,
              epochs=100, eval_every=2000, sample_every=2000)
+# mnist and fashion-mnist: the same number and size of grey images, the same model.
+MNIST = dict(PAPER, levels=2, steps=16, hidden=256, eval_every=1000, sample_every=1000)
 DEFAULTS = {
     "digits": dict(levels=2, steps=8, hidden=64, n_bits=4, batch_size=64, lr=1e-3, warmup=200,
                    epochs=50, eval_every=250, sample_every=500),
-    "mnist": dict(PAPER, levels=2, steps=16, hidden=256, eval_every=1000, sample_every=1000),
+    "mnist": MNIST, "fashion-mnist": MNIST,
     "cifar10": PAPER, "imagenet32": PAPER,
     "imagenet64": dict(PAPER, levels=4),
     "celeba": dict(PAPER, levels=4, n_bits=5), "folder": dict(PAPER, levels=4, n_bits=5),
@@ -75,7 +78,9 @@ TEMPERATURES = (0.7, 1.0)
 
 # ---- the command line ------------------------------------------------------------------------
 def parse_args(argv=None):
-    defaults = "\n".join(f"  {name:<11}" + " ".join(f"{key}={value}" for key, value in values.items())
+    name_width = max(len(name) for name in DEFAULTS) + 1
+    defaults = "\n".join(f"  {name:<{name_width}}"
+                         + " ".join(f"{key}={value}" for key, value in values.items())
                          for name, values in DEFAULTS.items())
     parser = ArgumentParser(
         prog="python -m train.run", description=__doc__.split("\n\n")[0],
@@ -84,8 +89,10 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("--dataset", choices=DATASETS,
         help="data set (default: digits, bundled with scikit-learn, needs no files)")
-    add("--data-dir", help="folder holding the data set's files (default ~/.cache/nfcore/<name>)")
-    add("--download", action="store_true", help="fetch cifar10 / mnist when missing (checksummed)")
+    add("--data-dir", help="folder holding the data set's files (default ~/.cache/nfcore/<name>; "
+                           f"fashion-mnist: Debian's {DEBIAN_FASHION_MNIST_DIR} first)")
+    add("--download", action="store_true",
+        help="fetch cifar10 / mnist / fashion-mnist when missing (checksummed)")
     add("--image-size", type=positive_int,
         help="celeba / folder: resize images to this size (default 64)")
     model = parser.add_argument_group("model (defaults depend on --dataset; fixed on --resume)")
