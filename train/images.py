@@ -1,8 +1,55 @@
-"""Pictures a run writes: a grid of samples, and the bits/dim curve (Pillow only)."""
+"""Pictures a run writes: grids of images (Pillow), and the bits/dim curves (matplotlib, imported
+only when a curve is drawn, so that ``import nfcore`` and the other command lines stay light)."""
+import argparse
 import math
+import os
+import sys
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+
+# Named in the error messages; Pillow writes more (writable_extensions()).
+COMMON_EXTENSIONS = (".png", ".jpg", ".bmp", ".gif", ".tif", ".webp")
+
+
+def writable_extensions():
+    """The file extensions Pillow can write an image under, lower case with the dot."""
+    Image.init()
+    return sorted(extension for extension, kind in Image.registered_extensions().items()
+                  if kind in Image.SAVE)
+
+
+def check_image_path(path, option="--out"):
+    """``path`` when Pillow can write an image under that name; otherwise ValueError saying what
+    to give instead (the message a user sees after ``error:``)."""
+    extension = os.path.splitext(os.fspath(path))[1].lower()
+    if extension in writable_extensions():
+        return path
+    if os.path.isdir(path):
+        problem = "is a folder"
+        example = os.path.join(path, "images.png")
+    else:
+        problem = "has no file extension" if not extension else \
+            f"has the extension {extension}, which is not an image format Pillow writes"
+        example = os.path.splitext(os.fspath(path))[0] + ".png"
+    prefix = f"{option} {path}" if option else f"{path}"
+    raise ValueError(f"{prefix} {problem}: give an image file name ending in "
+                     f"{', '.join(COMMON_EXTENSIONS[:-1])} or {COMMON_EXTENSIONS[-1]} "
+                     f"(PNG is lossless), e.g. {example}")
+
+
+def image_file_option(default_name):
+    """An argparse type for an --out image file: a name Pillow can write, or an existing folder,
+    which then gets ``default_name`` inside it. A wrong name is one line saying what to give."""
+    def parse(text):
+        if os.path.isdir(text):
+            return os.path.join(text, default_name)
+        try:
+            return check_image_path(text, option=None)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    parse.__name__ = "image file name"
+    return parse
 
 
 def image_grid(images, columns=None, padding=1):
@@ -23,7 +70,9 @@ def image_grid(images, columns=None, padding=1):
 
 
 def save_image_grid(images, path, columns=None, scale=1):
-    """Save uint8 images (N, C, H, W) as one PNG grid, each pixel drawn ``scale`` times larger."""
+    """Save uint8 images (N, C, H, W) as one image grid (PNG, or what ``path``'s extension names),
+    each pixel drawn ``scale`` times larger."""
+    check_image_path(path, option=None)
     grid = image_grid(images, columns)
     picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:
@@ -31,42 +80,63 @@ def save_image_grid(images, path, columns=None, scale=1):
     picture.save(path)
 
 
-def save_curve(series, path, title="bits/dim", size=(640, 400)):
-    """Save a line plot PNG of named series {name: [(step, value), ...]}, e.g. train and test."""
-    width, height = size
-    margin = 60
-    picture = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(picture)
-    points = [p for values in series.values() for p in values if np.isfinite(p[1])]
-    draw.text((margin, 10), title, fill="black")
-    if len(points) == 0:
-        picture.save(path)
-        return
-    steps, values = zip(*points)
-    x_low, x_high = min(steps), max(max(steps), min(steps) + 1)
-    y_low, y_high = min(values), max(values)
-    if y_high - y_low < 1e-9:
-        y_low, y_high = y_low - 0.5, y_high + 0.5
+def bpd_curves(records):
+    """(train, test) from a run's metrics records (metrics.jsonl, one dict per line): lists of
+    (step, seconds, bits/dim), finite values only. seconds: the wall-clock time since the run
+    started (``time_s`` of the train records, logged every 10 steps); a resumed run's sessions,
+    whose clocks each start at 0, are added up. Test records carry no time: theirs is
+    interpolated between the train records around their step."""
+    clock, offset, previous = [], 0.0, 0.0
+    for record in records:
+        if "time_s" in record:
+            if record["time_s"] < previous:          # a resumed session: its clock restarted
+                offset += previous
+            previous = record["time_s"]
+            clock.append((record["step"], offset + previous))
 
-    def to_pixel(step, value):
-        x = margin + (step - x_low) / (x_high - x_low) * (width - 2 * margin)
-        y = height - margin - (value - y_low) / (y_high - y_low) * (height - 2 * margin)
-        return x, y
+    def seconds(step):
+        if not clock:
+            return 0.0
+        steps, times = zip(*clock)
+        return float(np.interp(step, steps, times))
 
-    draw.rectangle([margin, margin, width - margin, height - margin], outline="gray")
-    for fraction in (0.0, 0.5, 1.0):
-        value = y_low + fraction * (y_high - y_low)
-        draw.text((4, to_pixel(x_low, value)[1] - 6), f"{value:.3f}", fill="black")
-        step = x_low + fraction * (x_high - x_low)
-        draw.text((to_pixel(step, y_low)[0] - 10, height - margin + 6), f"{step:.0f}", fill="black")
-    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
-    for index, (name, values) in enumerate(series.items()):
-        color = colors[index % len(colors)]
-        finite = [to_pixel(s, v) for s, v in values if np.isfinite(v)]
-        if len(finite) > 1:
-            draw.line(finite, fill=color, width=2)
-        for x, y in finite if len(finite) < 50 else finite[-1:]:
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-        draw.text((width - margin - 120, margin + 6 + 14 * index), name, fill=color)
-    draw.text((width // 2 - 20, height - 20), "step", fill="black")
-    picture.save(path)
+    train, test = [], []
+    for record in records:
+        for key, series in (("train_bpd", train), ("test_bpd", test)):
+            value = record.get(key)
+            if value is not None and math.isfinite(value):
+                series.append((record["step"], seconds(record["step"]), value))
+    return train, test
+
+
+def save_bpd_plot(records, path, title=None):
+    """Save the bits/dim curves of a run's metrics records as a PNG: train and test bits/dim
+    against the step (left) and against the wall-clock seconds since the run started (right:
+    evaluations, checkpoints and Numba's compilation included, as in ``time_s``)."""
+    import matplotlib
+    if "matplotlib.pyplot" not in sys.modules:    # a user's own pyplot keeps its backend
+        matplotlib.use("Agg")                    # no display needed
+    from matplotlib.figure import Figure         # no pyplot: no global figure state
+
+    train, test = bpd_curves(records)
+    figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    by_step, by_time = figure.subplots(1, 2, sharey=True)
+    for axes, column, label in ((by_step, 0, "step"), (by_time, 1, "seconds since the run started (wall clock)")):
+        for name, series, style in (("train", train, dict(color="tab:blue", linewidth=1.5)),
+                                    ("test", test, dict(color="tab:red", linewidth=1.5, marker="o",
+                                                        markersize=4))):
+            if series:
+                axes.plot([point[column] for point in series], [point[2] for point in series],
+                          label=name, **style)
+        axes.set_xlabel(label)
+        axes.grid(True, alpha=0.4)
+        if train or test:
+            axes.legend()
+    by_step.set_ylabel("bits/dim")
+    if not (train or test):
+        by_step.text(0.5, 0.5, "no bits/dim logged yet", ha="center", transform=by_step.transAxes)
+    if title is None and test:
+        title = f"test bits/dim {test[-1][2]:.4f} at step {test[-1][0]}"
+    if title:
+        figure.suptitle(title)
+    figure.savefig(path)

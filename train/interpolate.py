@@ -19,6 +19,7 @@ from nfcore import latent
 from nfcore.backend import to_numpy
 
 from .cli import ArgumentParser, at_least, run_command
+from .images import image_file_option
 from .model_images import dataset_images, dequantize, read_model_images, save_pictures
 from .session import add_checkpoint_options, open_checkpoint
 
@@ -38,8 +39,9 @@ def parse_args(argv=None):
                         help="images on the path, both ends included, >= 2 (default 8)")
     parser.add_argument("--method", default="linear", choices=latent.METHODS,
                         help="linear (default) or spherical interpolation of the latents")
-    parser.add_argument("--out", default="interpolate.png",
-                        help="PNG strip to write (default interpolate.png)")
+    parser.add_argument("--out", default="interpolate.png", type=image_file_option("interpolate.png"),
+                        help="image strip to write (.png, .jpg, ...; a folder: interpolate.png "
+                             "in it; default interpolate.png)")
     add_checkpoint_options(parser)
     return parser.parse_args(argv)
 

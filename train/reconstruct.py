@@ -15,6 +15,7 @@ from nfcore import latent
 from nfcore.backend import to_numpy
 
 from .cli import ArgumentParser, positive_int, run_command
+from .images import image_file_option
 from .model_images import dataset_images, dequantize, save_pictures
 from .session import add_checkpoint_options, open_checkpoint
 
@@ -45,9 +46,10 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", help="folder of the data set (default: as in training)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images encoded at once, >= 1 (default: the training batch size)")
-    parser.add_argument("--out", default="reconstruct.png",
-                        help="PNG to write: rows of originals, each above its row of "
-                             f"reconstructions, at most {MAX_COLUMNS} a row (default reconstruct.png)")
+    parser.add_argument("--out", default="reconstruct.png", type=image_file_option("reconstruct.png"),
+                        help="image file to write (.png, .jpg, ...; a folder: reconstruct.png in "
+                             "it): rows of originals, each above its row of reconstructions, at "
+                             f"most {MAX_COLUMNS} a row (default reconstruct.png)")
     add_checkpoint_options(parser)
     return parser.parse_args(argv)
 

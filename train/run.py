@@ -42,7 +42,7 @@ from . import distributed
 from .checkpoint import remove_stale_temporaries
 from .cli import (BLAS_THREADS_HELP, ArgumentParser, at_least, in_range, limit_blas_threads,
                   positive_float, positive_int, run_command)
-from .images import save_curve
+from .images import save_bpd_plot
 from .monitor import RECON_THRESHOLD, check_reconstruction, reconstruction_batch
 from .session import (MODEL_KEYS, build_flow, evaluate_bits_per_dim, load_flow, optimizer_state,
                       save_samples, save_training_checkpoint)
@@ -423,8 +423,7 @@ class Run:
     def curve(self):
         if not self.writes:
             return
-        save_curve({"train": self.metrics.series("train_bpd"),
-                    "test": self.metrics.series("test_bpd")}, os.path.join(self.out, "bpd.png"))
+        save_bpd_plot(self.metrics.records, os.path.join(self.out, "bpd.png"))
 
     def stop_for_bad_steps(self, count):
         kept = (f"The last good checkpoint is {self.checkpoint_path}"

@@ -13,6 +13,7 @@ import time
 from nfcore.conditioning import SAMPLE_TOLERANCE
 
 from .cli import ArgumentParser, at_least, positive_float, positive_int, run_command
+from .images import image_file_option
 from .session import add_checkpoint_options, open_checkpoint, save_samples
 
 
@@ -23,7 +24,9 @@ def parse_args(argv=None):
     parser.add_argument("--n", type=positive_int, default=64, help="number of samples, >= 1 (default 64)")
     parser.add_argument("--temperature", type=at_least(0.0, float), default=0.7,
                         help="scale of the latent Gaussian, >= 0 (default 0.7; 1.0 is the model itself)")
-    parser.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
+    parser.add_argument("--out", default="samples.png", type=image_file_option("samples.png"),
+                        help="image file to write (.png, .jpg, ...; a folder: samples.png in it; "
+                             "default samples.png)")
     parser.add_argument("--seed", type=at_least(0), default=0, help="seed of the draw, >= 0 (default 0)")
     parser.add_argument("--tolerance", type=positive_float, default=SAMPLE_TOLERANCE,
                         help="largest accepted estimated rounding error of the samples, in the "
