@@ -150,14 +150,15 @@ def corner_padding(corner, k):
     return pad, flips
 
 
-def solve_top_left(y, w, order="wavefront"):
+def solve_top_left(y, w, order="wavefront", upper=False):
     """x with conv_top_left(x, w) = y, solved pixel after pixel or anti-diagonal after one.
 
     y (G, B, C, H, W); w (G, C, C, k, k), the effective weights, top-left form:
         y[g, n, co, i, j] = Σ_{ci,a,b} w[g, co, ci, a, b] · x[g, n, ci, i-(k-1)+a, j-(k-1)+b]
     Pixel (i, j) depends on the pixels above and to its left only, so it is solved once they are:
         r = y[i, j] − (every tap applied to x, pixel (i, j) itself still 0)
-        x[i, j] = S⁻¹ r          S = w[..., k-1, k-1] (G, C, C), the lower-triangular self-tap
+        x[i, j] = S⁻¹ r          S = w[..., k-1, k-1] (G, C, C), the triangular self-tap (lower,
+                                 or ``upper``)
     ``order``: "wavefront", every pixel of an anti-diagonal i + j = d at once (H+W-1 steps,
     gathering their k×k patches), or "raster", one pixel at a time (H·W steps, a slice each).
     S is inverted once, a triangular solve against I. Inside, images are pixel-major
@@ -168,7 +169,7 @@ def solve_top_left(y, w, order="wavefront"):
     y = y.permute(0, 3, 4, 1, 2)
     x = y.new_zeros(G, H + k - 1, W + k - 1, B, C)    # padded on the top and the left
     eye = torch.eye(C, dtype=w.dtype, device=w.device).expand(G, C, C)
-    self_tap_inverse = torch.linalg.solve_triangular(w[..., k - 1, k - 1], eye, upper=False)
+    self_tap_inverse = torch.linalg.solve_triangular(w[..., k - 1, k - 1], eye, upper=upper)
 
     def solve(patches, y_pixels):
         """patches (G, n, k, k, B, C), y_pixels (G, n, B, C) -> x at those n pixels."""
@@ -192,26 +193,32 @@ def solve_top_left(y, w, order="wavefront"):
 
 class MaskedConv(nn.Module):
     """The masked k×k invertible convolution on G channel groups, one padding corner each:
-    nfcore's InvConv (G = 1, params "weight" (C, C, k, k), "log_diag" (C,)) and FInCUnit
-    (G = 4 corners, "weight" (4, C/4, C/4, k, k), "log_diag" (4, C/4)).
+    nfcore's InvConv (G = 1, params "weight" (C, C, k, k), "log_diag" (C,), "bias" (C,)),
+    FInCUnit (G = 4 corners, "weight" (4, C/4, C/4, k, k), "log_diag" (4, C/4)) and the
+    published CInC conv (InvConv with an upper self-tap and a bias).
 
-    Group g: F.conv2d(F.pad(x_g, its corner), W_eff flipped to that corner), where
-    W_eff = weight ⊙ mask with the self-tap (a = b = k-1) lower triangular and its diagonal
-    1 or exp(log_diag); logdet = H·W·Σ log_diag (0 without ``learn_diag``).
-    Inverse: each group flipped into the top-left form, then ``solve_top_left`` over
-    anti-diagonals ("wavefront") or pixels ("raster").
+    Group g: F.conv2d(F.pad(x_g, its corner), W_eff flipped to that corner) (+ bias), where
+    W_eff = weight ⊙ mask with the self-tap (a = b = k-1) [co, ci] lower triangular (or upper
+    with ``self_tap="upper"``) and its diagonal 1 or exp(log_diag); logdet = H·W·Σ log_diag
+    (0 without ``learn_diag``). Inverse: the bias subtracted, each group flipped into the
+    top-left form, then ``solve_top_left`` over anti-diagonals ("wavefront") or pixels
+    ("raster").
     """
 
-    def __init__(self, channels, k, corners, learn_diag, inverse_order="wavefront"):
+    def __init__(self, channels, k, corners, learn_diag, inverse_order="wavefront",
+                 self_tap="lower", bias=False):
         super().__init__()
         self.k, self.corners, self.G = k, tuple(corners), len(corners)
         Cg = channels // self.G
         shape = (self.G, Cg, Cg, k, k) if self.G > 1 else (Cg, Cg, k, k)
         self.weight = nn.Parameter(torch.zeros(shape))
         self.log_diag = nn.Parameter(torch.zeros(shape[:-3])) if learn_diag else None
+        self.bias = nn.Parameter(torch.zeros(shape[:-3])) if bias else None
         self.inverse_order = inverse_order
+        self.upper = self_tap == "upper"
+        below_diagonal = torch.ones(Cg, Cg).tril(-1)
         mask = torch.ones(Cg, Cg, k, k)
-        mask[:, :, k - 1, k - 1] = torch.ones(Cg, Cg).tril(-1)
+        mask[:, :, k - 1, k - 1] = below_diagonal.T if self.upper else below_diagonal
         self_tap_eye = torch.zeros(Cg, Cg, k, k)
         self_tap_eye[:, :, k - 1, k - 1] = torch.eye(Cg)
         self.register_buffer("mask", mask)
@@ -236,25 +243,32 @@ class MaskedConv(nn.Module):
         for x_g, w_g, corner in zip(x.chunk(self.G, dim=1), self.effective_weight(), self.corners):
             pad, flips = corner_padding(corner, self.k)
             outputs.append(F.conv2d(F.pad(x_g, pad), w_g.flip(flips) if flips else w_g))
-        return torch.cat(outputs, dim=1), self.logdet(x)
+        y = torch.cat(outputs, dim=1)
+        if self.bias is not None:
+            y = y + self.bias.reshape(1, -1, 1, 1)
+        return y, self.logdet(x)
 
     def inverse(self, y):
+        if self.bias is not None:
+            y = y - self.bias.reshape(1, -1, 1, 1)
         flips = [corner_padding(corner, self.k)[1] for corner in self.corners]
         y_top_left = torch.stack([y_g.flip(f) if f else y_g
                                   for y_g, f in zip(y.chunk(self.G, dim=1), flips)])
-        x = solve_top_left(y_top_left, self.effective_weight(), self.inverse_order)
+        x = solve_top_left(y_top_left, self.effective_weight(), self.inverse_order, self.upper)
         return torch.cat([x_g.flip(f) if f else x_g for x_g, f in zip(x, flips)], dim=1)
 
 
 class EmergingConv(nn.Module):
-    """Emerging convolution: conv2(conv1(x)), masked m×m convs with learned diagonals, corners
-    top-left then bottom-right (m = (k+1)/2 for nfcore's EmergingConv(k), the published form);
-    inverted pixel by pixel (raster), as nfcore does."""
+    """Emerging convolution as published: conv2(conv1(x)) + b, masked m×m convs with learned
+    diagonals, conv1 bottom-right with a lower self-tap, conv2 top-left with an upper one and
+    the bias (m = (k+1)/2 for nfcore's EmergingConv(k)); inverted pixel by pixel (raster), as
+    nfcore does."""
 
     def __init__(self, channels, k):
         super().__init__()
-        self.conv1 = MaskedConv(channels, k, ("top-left",), True, inverse_order="raster")
-        self.conv2 = MaskedConv(channels, k, ("bottom-right",), True, inverse_order="raster")
+        self.conv1 = MaskedConv(channels, k, ("bottom-right",), True, inverse_order="raster")
+        self.conv2 = MaskedConv(channels, k, ("top-left",), True, inverse_order="raster",
+                                self_tap="upper", bias=True)
 
     def forward(self, x):
         u, logdet1 = self.conv1(x)
@@ -435,7 +449,8 @@ def twin_layer(layer):
     if isinstance(layer, nf.Conv1x1):
         return Conv1x1(layer.channels)
     if isinstance(layer, GroupedMaskedConv):
-        return MaskedConv(layer.channels, layer.k, layer.corners, layer.learn_diag)
+        return MaskedConv(layer.channels, layer.k, layer.corners, layer.learn_diag,
+                          self_tap=layer.self_tap, bias=layer.bias)
     if isinstance(layer, nf.EmergingConv):
         return EmergingConv(layer.channels, layer.conv1.k)
     if isinstance(layer, nf.BlockCoupling):

@@ -9,5 +9,5 @@ start_numba_threads()
 
 from .backend import get_array_module, get_backend, set_backend, to_device, to_numpy
 from .layers import CORNERS, FInCUnit, InvConv, Layer
-from .layers import (ActNorm, AffineCoupling, Conv1x1, EmergingConv, GaussianPrior, Logit,
+from .layers import (ActNorm, AffineCoupling, CInCConv, Conv1x1, EmergingConv, GaussianPrior, Logit,
                      QuadCoupling, Split, Squeeze)

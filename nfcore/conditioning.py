@@ -195,10 +195,11 @@ def is_well_conditioned(model, image_shape, limit=AMPLIFICATION_LIMIT, **kwargs)
 def inverse_gain(layer, image_shape, seed=0):
     """max |M⁻¹ v| / max |v| for one random v ~ N(0, 1) of shape (1, C, H, W), computed in
     float64: how much the masked convolution's inverse M⁻¹ amplifies a perturbation of its
-    input at that size. Reaches values float32 cannot represent (σ = 0.2 at 128×128: ~1e33)."""
+    input at that size. Reaches values float32 cannot represent (σ = 0.2 at 128×128: ~1e33).
+    A layer with a bias b inverts y to M⁻¹(y − b): M⁻¹ v is inverse(v) − inverse(0)."""
     v = np.random.default_rng(seed).standard_normal((1,) + tuple(image_shape))
     with np.errstate(over="ignore", invalid="ignore"):
-        u = to_numpy(layer.inverse(v))
+        u = to_numpy(layer.inverse(v)) - to_numpy(layer.inverse(np.zeros_like(v)))
     gain = float(np.abs(u).max() / np.abs(v).max())
     return gain if np.isfinite(gain) else float("inf")
 

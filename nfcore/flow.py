@@ -11,8 +11,8 @@ Shapes, for an image (C, H, W) and L levels::
 One step, by ``invconv`` (the k×k invertible convolution under study, or Glow's 1×1 alone):
 
     finc      FInCUnit(k) → ActNorm → Conv1x1 → coupling        (FInC Flow)
-    cinc      ActNorm → InvConv(k, learned diagonal) → coupling  (CInC Flow)
-    emerging  ActNorm → Conv1x1 → EmergingConv(k) → coupling     (Hoogeboom et al. 2019)
+    cinc      ActNorm → CInCConv(k) → coupling                  (CInC Flow, published layer)
+    emerging  ActNorm → Conv1x1 → EmergingConv(k) → coupling     (Hoogeboom et al. 2019, published)
     glow1x1   ActNorm → Conv1x1 → coupling                      (Glow)
 
 with ``coupling`` affine (Glow) or quad (CInC). Each Split factors out half of the channels,
@@ -32,7 +32,7 @@ import numpy as np
 from .backend import get_array_module
 from .conditioning import (RECOMPUTE_TOLERANCE, SAMPLE_TOLERANCE, InputFingerprints, InverseAccuracyError,
                            SensitivityProbe)
-from .layers import (ActNorm, NonFiniteError, AffineCoupling, Conv1x1, EmergingConv, FInCUnit, InvConv,
+from .layers import (ActNorm, NonFiniteError, AffineCoupling, CInCConv, Conv1x1, EmergingConv, FInCUnit,
                      QuadCoupling, Split, Squeeze)
 from .layers.base import check_finite, finite_checks_deferred
 from .layers.prior import GaussianPrior
@@ -58,7 +58,7 @@ def flow_step(invconv, coupling, channels, hidden, k, seed, dtype=np.float32, sc
     if invconv == "finc":
         return [FInCUnit(k=k, channels=C, dtype=dtype, seed=seed), actnorm, conv1x1, couple]
     if invconv == "cinc":
-        return [actnorm, InvConv(k=k, channels=C, learn_diag=True, dtype=dtype, seed=seed), couple]
+        return [actnorm, CInCConv(k=k, channels=C, dtype=dtype, seed=seed), couple]
     if invconv == "emerging":
         return [actnorm, conv1x1, EmergingConv(k=k, channels=C, dtype=dtype, seed=seed), couple]
     return [actnorm, conv1x1, couple]

@@ -86,11 +86,15 @@ def slogdet(matrices):
 
 
 def dense_inverse(layer, y):
-    """x solving layer(x) = y by a dense LU solve of each sample's Jacobian (linear layers)."""
+    """x solving layer(x) = y by a dense LU solve of each sample's Jacobian, for affine layers
+    (a masked convolution, with or without a bias): layer(x) = M x + layer(0), so
+    x = M⁻¹ (y − layer(0))."""
     y = np.asarray(to_numpy(y), dtype=np.float64)
     B, C, H, W = y.shape
     M = _matrix(layer, y)
-    return np.stack([scipy.linalg.solve(M[n], y[n].ravel()) for n in range(B)]).reshape(y.shape)
+    offset = to_numpy(layer.forward(np.zeros((1, C, H, W)))[0]).ravel()
+    return np.stack([scipy.linalg.solve(M[n], y[n].ravel() - offset)
+                     for n in range(B)]).reshape(y.shape)
 
 
 def _matrix(layer, x):

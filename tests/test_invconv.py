@@ -17,6 +17,7 @@ import pytest
 import nfcore
 from nfcore import reference
 from nfcore.kernels import CanonicalLayout, cpu as cpu_module, from_layout, numpy_ref, to_layout
+from nfcore.layers.invconv import GroupedMaskedConv
 
 
 def random_params(layer, rng, scale=0.3):
@@ -27,19 +28,33 @@ def random_params(layer, rng, scale=0.3):
     weight[...] = rng.standard_normal(weight.shape) * scale / np.sqrt(k * k * Cg)
     if "log_diag" in layer.params:
         layer.params["log_diag"][...] = rng.standard_normal(layer.params["log_diag"].shape) * 0.2
+    if "bias" in layer.params:
+        layer.params["bias"][...] = rng.standard_normal(layer.params["bias"].shape)
 
 
 def make_layer(kind, k, C, learn_diag, corner="top-left", dtype=np.float64, seed=0):
+    """kind: "invconv" (lower self-tap), "upper" (an InvConv with an upper self-tap and a bias,
+    the published CInC form at any corner), "finc" (four quarters, lower), "grouped-upper" (four
+    quarters, each with an upper self-tap and a bias)."""
     if kind == "finc":
         return nfcore.FInCUnit(k=k, channels=C, learn_diag=learn_diag, dtype=dtype, seed=seed)
+    if kind == "grouped-upper":
+        return GroupedMaskedConv(k, nfcore.CORNERS, C, learn_diag, dtype, seed, self_tap="upper",
+                                 bias=True)
+    if kind == "upper":
+        return nfcore.InvConv(k=k, channels=C, corner=corner, learn_diag=learn_diag, dtype=dtype,
+                              seed=seed, self_tap="upper", bias=True)
     return nfcore.InvConv(k=k, channels=C, corner=corner, learn_diag=learn_diag, dtype=dtype, seed=seed)
 
 
-CASES = [("invconv", k, C, learn_diag, corner)
-         for k, C, learn_diag, corner in itertools.product(
-             [1, 2, 3, 5], [1, 2, 3, 8], [False, True], nfcore.CORNERS)]
-CASES += [("finc", k, C, learn_diag, "all")
-          for k, C, learn_diag in itertools.product([1, 2, 3, 5], [4, 8], [False, True])]
+CASES = [(kind, k, C, learn_diag, corner)
+         for kind, k, C, learn_diag, corner in itertools.product(
+             ["invconv", "upper"], [1, 2, 3, 5], [1, 2, 3, 8], [False, True], nfcore.CORNERS)]
+CASES += [(kind, k, C, learn_diag, "all")
+          for kind, k, C, learn_diag in itertools.product(
+              ["finc", "grouped-upper"], [1, 2, 3, 5], [4, 8], [False, True])]
+SINGLE_KINDS = [("invconv", c) for c in nfcore.CORNERS] + [("upper", c) for c in nfcore.CORNERS]
+GROUPED_KINDS = [("finc", "all"), ("grouped-upper", "all")]
 H, W = 4, 5   # H ≠ W on purpose
 
 
@@ -62,8 +77,10 @@ def test_logdet_and_inverse_match_dense_scipy(case):
     assert sign[0] == 1
     assert logdet.shape == (2,)
     np.testing.assert_allclose(logdet, dense_logdet[0], rtol=1e-10, atol=1e-10)
-    # the forward pass is the dense matrix product
-    np.testing.assert_allclose(y.reshape(2, -1), x.reshape(2, -1) @ M.T, rtol=0, atol=1e-12)
+    # the forward pass is the dense matrix product, plus the bias (the image of zero)
+    offset = layer.forward(np.zeros((1, C, H, W)))[0].reshape(1, -1)
+    assert np.any(offset != 0) == ("bias" in layer.params)
+    np.testing.assert_allclose(y.reshape(2, -1), x.reshape(2, -1) @ M.T + offset, rtol=0, atol=1e-12)
 
     x_dense = reference.dense_inverse(layer, y)
     x_ours = layer.inverse(y)
@@ -71,7 +88,7 @@ def test_logdet_and_inverse_match_dense_scipy(case):
     assert np.abs(x_ours - x).max() <= 1e-12 * np.abs(x).max()
 
 
-@pytest.mark.parametrize("kind,corner", [("invconv", c) for c in nfcore.CORNERS] + [("finc", "all")])
+@pytest.mark.parametrize("kind,corner", SINGLE_KINDS + GROUPED_KINDS)
 @pytest.mark.parametrize("learn_diag", [False, True])
 def test_float32_inverse_matches_dense_solve(kind, corner, learn_diag):
     rng = np.random.default_rng(1)
@@ -123,7 +140,7 @@ def loss_only(layer, x, g, h):
     return float(np.sum(y * g) + np.sum(logdet * h))
 
 
-@pytest.mark.parametrize("kind,corner", [("invconv", c) for c in nfcore.CORNERS] + [("finc", "all")])
+@pytest.mark.parametrize("kind,corner", SINGLE_KINDS + GROUPED_KINDS)
 @pytest.mark.parametrize("learn_diag", [False, True])
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_backward_matches_directional_finite_differences(kind, corner, learn_diag, k):
@@ -151,10 +168,10 @@ def test_backward_matches_directional_finite_differences(kind, corner, learn_dia
                                    rtol=1e-7, atol=1e-8, err_msg=name)
 
 
-@pytest.mark.parametrize("corner", nfcore.CORNERS)
-def test_backward_matches_finite_differences_entry_by_entry(corner):
+@pytest.mark.parametrize("kind,corner", SINGLE_KINDS)
+def test_backward_matches_finite_differences_entry_by_entry(kind, corner):
     rng = np.random.default_rng(6)
-    layer = nfcore.InvConv(k=2, channels=2, corner=corner, learn_diag=True, dtype=np.float64)
+    layer = make_layer(kind, 2, 2, True, corner)
     random_params(layer, rng, scale=1.0)
     x = rng.standard_normal((2, 2, 3, 2))
     g, h = rng.standard_normal(x.shape), rng.standard_normal(2)
@@ -179,7 +196,7 @@ def test_backward_matches_finite_differences_entry_by_entry(corner):
                                    err_msg=name)
 
 
-@pytest.mark.parametrize("kind", ["invconv", "finc"])
+@pytest.mark.parametrize("kind", ["invconv", "finc", "upper", "grouped-upper"])
 def test_masked_entries_get_exactly_zero_gradient(kind):
     rng = np.random.default_rng(7)
     layer = make_layer(kind, 3, 8, True)
@@ -187,10 +204,11 @@ def test_masked_entries_get_exactly_zero_gradient(kind):
     x = rng.standard_normal((2, 8, 4, 5))
     layer.forward(x)
     layer.backward(rng.standard_normal(x.shape), rng.standard_normal(2))
-    dself = layer.grads["weight"][..., 2, 2]                # (..., Cg, Cg) self-tap block
-    upper_and_diag = np.triu(np.ones(dself.shape[-2:])) > 0
-    assert np.all(dself[..., upper_and_diag] == 0)
-    assert np.all(dself[..., ~upper_and_diag] != 0)
+    dself = layer.grads["weight"][..., 2, 2]                # (..., Cg, Cg) self-tap block [co, ci]
+    ones = np.ones(dself.shape[-2:])
+    masked = (np.triu(ones) if "upper" not in kind else np.tril(ones)) > 0   # and the diagonal
+    assert np.all(dself[..., masked] == 0)
+    assert np.all(dself[..., ~masked] != 0)
 
 
 def test_backward_accumulates():
@@ -237,7 +255,7 @@ def test_cpu_kernels_match_numpy_references(dtype, tol, k, shape):
         close(from_layout(solve(to_layout(y, cpu.module.AXES), w), cpu.module.AXES), x)
 
 
-@pytest.mark.parametrize("kind", ["invconv", "finc"])
+@pytest.mark.parametrize("kind", ["invconv", "finc", "grouped-upper"])
 @pytest.mark.parametrize("B", [9, 66])
 def test_padded_batch_gives_every_image_its_own_result(kind, B):
     """The CPU layout pads the batch to a multiple of cpu.LANES with zero images: each image's
@@ -324,6 +342,8 @@ def test_bad_constructor_arguments():
         nfcore.InvConv(k=0)
     with pytest.raises(ValueError, match="unknown corner"):
         nfcore.InvConv(k=3, corner="middle")
+    with pytest.raises(ValueError, match="unknown self_tap"):
+        nfcore.InvConv(k=3, self_tap="diagonal")
 
 
 def test_reference_slogdet_matches_numpy_including_sign():

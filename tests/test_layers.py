@@ -288,7 +288,8 @@ def test_parameter_names():
     for layer in [EmergingConv(), Split(), QuadCoupling(hidden=4), Conv1x1(), ActNorm()]:
         layer.forward(x)
         names[type(layer).__name__] = sorted(layer.params)
-    assert names["EmergingConv"] == ["conv1.log_diag", "conv1.weight", "conv2.log_diag", "conv2.weight"]
+    assert names["EmergingConv"] == ["conv1.log_diag", "conv1.weight", "conv2.bias", "conv2.log_diag",
+                                     "conv2.weight"]
     assert names["Split"] == ["prior.bias", "prior.logs", "prior.weight"]
     assert len(names["QuadCoupling"]) == 21 and "f3.conv3.logs" in names["QuadCoupling"]
     assert names["Conv1x1"] == ["log_s", "lower", "upper"]
@@ -299,7 +300,8 @@ def test_parameter_names():
 def test_emerging_conv_of_size_k_sees_the_k_by_k_window_as_published(k):
     """EmergingConv(k) is two (k+1)/2 × (k+1)/2 convolutions (Hoogeboom et al. 2019): output
     pixel (i, j) depends on exactly the inputs of the k×k window centred on it. The layer is
-    linear, so its response to one input pixel is a column of its Jacobian."""
+    affine (a bias after its second conv), so its response to one input pixel, f(e) − f(0), is
+    a column of its Jacobian."""
     C, size, centre = 2, 9, 4
     layer = EmergingConv(k, channels=C, dtype=np.float64, seed=3)
     rng = np.random.default_rng(0)
@@ -308,7 +310,8 @@ def test_emerging_conv_of_size_k_sees_the_k_by_k_window_as_published(k):
     assert layer.conv1.k == layer.conv2.k == (k + 1) // 2
     x = np.zeros((1, C, size, size))
     x[0, :, centre, centre] = 1.0
-    reached = np.abs(layer.forward(x)[0][0]).sum(axis=0) > 0
+    response = layer.forward(x)[0][0] - layer.forward(np.zeros_like(x))[0][0]
+    reached = np.abs(response).sum(axis=0) > 0
     window = np.zeros((size, size), bool)
     half = k // 2
     window[centre - half:centre + half + 1, centre - half:centre + half + 1] = True

@@ -22,8 +22,9 @@ def for_array(x):
 
 def to_groups_by_transpose(x, flips, axes):
     """(B, C, H, W) -> (G, B, H, W, Cg) transposed by ``axes``, G = len(flips) groups of
-    Cg = C / G channels, group g's rows reversed when flips[g][0] and its columns when
-    flips[g][1] (its top-left form). The array-module version ``cuda`` and ``numpy_ref`` use."""
+    Cg = C / G channels, group g's rows reversed when flips[g][0], its columns when
+    flips[g][1] (its top-left form) and its channels when flips[g][2] (its lower-triangular
+    self-tap). The array-module version ``cuda`` and ``numpy_ref`` use."""
     xp = get_array_module(x)
     B, C, H, W = x.shape
     G = len(flips)
@@ -50,12 +51,11 @@ def from_groups_by_transpose(xg, flips, axes):
 
 def _flip_index(flip, axes):
     """The index of one group (``axes`` without the group axis) that reverses its rows when
-    flip[0] and its columns when flip[1]."""
+    flip[0], its columns when flip[1] and its channels when flip[2]."""
     index = [slice(None)] * 4
-    if flip[0]:
-        index[axes.index(2) - 1] = slice(None, None, -1)
-    if flip[1]:
-        index[axes.index(3) - 1] = slice(None, None, -1)
+    for flipped, axis in zip(flip, (2, 3, 4)):    # rows, columns, channels (canonical axes)
+        if flipped:
+            index[axes.index(axis) - 1] = slice(None, None, -1)
     return tuple(index)
 
 

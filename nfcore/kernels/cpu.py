@@ -62,8 +62,9 @@ def padded_batch(B):
 
 def to_groups(x, flips):
     """(B, C, H, W) -> (G, H, W, Cg, padded_batch(B)), G = len(flips) groups of Cg = C / G
-    channels; group g's rows are reversed when flips[g, 0] and its columns when flips[g, 1]
-    (its top-left form); the padding images are zeros."""
+    channels; group g's rows are reversed when flips[g, 0], its columns when flips[g, 1] (its
+    top-left form) and its channels when flips[g, 2] (its lower-triangular self-tap); the
+    padding images are zeros."""
     return _to_groups(x, flips, padded_batch(x.shape[0]))
 
 
@@ -79,8 +80,9 @@ def _to_groups(x, flips, B_padded):
         c = (t // H) % Cg
         i = t % H
         i_source = H - 1 - i if flips[g, 0] else i
+        c_source = Cg - 1 - c if flips[g, 2] else c
         for n in range(B):
-            row = x[n, g * Cg + c, i_source]
+            row = x[n, g * Cg + c_source, i_source]
             for j in range(W):
                 j_source = W - 1 - j if flips[g, 1] else j
                 out[g, i, j, c, n] = row[j_source]
@@ -101,11 +103,12 @@ def from_groups(xg, flips, n_images):
         c = (t // H) % Cg
         i = t % H
         i_source = H - 1 - i if flips[g, 0] else i
+        c_source = Cg - 1 - c if flips[g, 2] else c
         for n in range(n_images):
             row = out[n, g * Cg + c, i]
             for j in range(W):
                 j_source = W - 1 - j if flips[g, 1] else j
-                row[j] = xg[g, i_source, j_source, c, n]
+                row[j] = xg[g, i_source, j_source, c_source, n]
     return out
 
 

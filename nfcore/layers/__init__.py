@@ -1,6 +1,7 @@
 """Invertible layers, one per file, each with forward / inverse / backward."""
 from .base import Layer, NonFiniteError, check_images
 from .finc import FInCUnit
+from .cinc import CInCConv
 from .invconv import CORNERS, InvConv
 from .actnorm import ActNorm
 from .conv1x1 import Conv1x1

@@ -23,6 +23,18 @@ The mask is applied inside forward, inverse and backward: whatever values ``para
 layer is invertible, and masked entries get exactly zero gradient. Learnable entries:
 (k²-1)·C² + C(C-1)/2, plus C with the learned diagonal.
 
+The self-tap's triangle has two orientations (``self_tap``): "lower", output channel co reads
+input channels ci <= co at its own pixel (FInC), or "upper", ci >= co (the published CInC conv
+and Emerging's second conv, whose mask is the first's flipped on all four axes). An upper layer
+is a lower one with its channels reversed: the kernels see it so (the layout conversion reverses
+the channels as it reverses rows and columns), and solve every layer by forward substitution.
+
+Two more options make the published CInC / Emerging convolutions (cinc.py, emerging.py):
+``bias``, a learned per-channel bias added after the convolution (y = conv(x) + b), and
+``init_std``, the published initialisation: every weight N(0, init_std²) and the self-tap's
+diagonal 1 + N(0, init_std²) (as exp(s), s = log(1 + ...)); without it, nfcore's own scheme
+(std INIT_STD / sqrt(k²C), diagonal exactly 1).
+
 Internally the layer works on groups: G sets of channels, each with its own corner and weight,
 all solved in the same anti-diagonal sweep. InvConv is one group; FInCUnit (finc.py) is four.
 """
@@ -37,32 +49,43 @@ CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 _FLIPS = {"top-left": (False, False), "top-right": (False, True),
           "bottom-left": (True, False), "bottom-right": (True, True)}
 INIT_STD = 0.1  # std of the initial weights is INIT_STD / sqrt(k·k·C): the layer starts near identity
+SELF_TAPS = ("lower", "upper")
 
 
-def self_tap_mask(C, k, xp=np):
-    """(C, C, k, k) mask: 1 everywhere except the self-tap's diagonal and upper triangle."""
+def self_tap_mask(C, k, self_tap="lower", xp=np):
+    """(C, C, k, k) mask, [co, ci, a, b]: 1 everywhere except the self-tap's diagonal and its
+    upper triangle (ci > co; "lower") or its lower triangle (ci < co; "upper")."""
     mask = xp.ones((C, C, k, k))
-    mask[:, :, k - 1, k - 1] = xp.tril(xp.ones((C, C)), -1)
+    below_diagonal = xp.tril(xp.ones((C, C)), -1)
+    mask[:, :, k - 1, k - 1] = below_diagonal if self_tap == "lower" else below_diagonal.T
     return mask
 
 
 class GroupedMaskedConv(Layer):
     """G masked convolutions side by side on G equal channel groups, one corner each.
 
-    params: "weight" (G, Cg, Cg, k, k); with ``learn_diag`` also "log_diag" (G, Cg).
-    Weights are created on first use from the input's channel count when ``channels`` is None.
+    params: "weight" (G, Cg, Cg, k, k); with ``learn_diag`` also "log_diag" (G, Cg); with
+    ``bias`` also "bias" (G, Cg). Weights are created on first use from the input's channel
+    count when ``channels`` is None. ``self_tap``, ``bias``, ``init_std``: see the module
+    docstring.
     """
 
-    def __init__(self, k, corners, channels=None, learn_diag=False, dtype=None, seed=0):
+    def __init__(self, k, corners, channels=None, learn_diag=False, dtype=None, seed=0,
+                 self_tap="lower", bias=False, init_std=None):
         super().__init__()
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"kernel size k must be a positive integer, got {k!r}")
         for corner in corners:
             if corner not in CORNERS:
                 raise ValueError(f"unknown corner {corner!r}: choose one of {CORNERS}")
+        if self_tap not in SELF_TAPS:
+            raise ValueError(f"unknown self_tap {self_tap!r}: choose one of {SELF_TAPS}")
         self.k = int(k)
         self.corners = tuple(corners)
         self.learn_diag = learn_diag
+        self.self_tap = self_tap
+        self.bias = bias
+        self.init_std = init_std
         self._lazy_parameters(channels, dtype, seed)
 
     # ---- parameters ---------------------------------------------------------------------
@@ -73,17 +96,30 @@ class GroupedMaskedConv(Layer):
                              f"got {channels}")
         Cg = channels // G
         rng = np.random.default_rng(self.seed)
-        weight = rng.standard_normal((G, Cg, Cg, k, k)) * INIT_STD / np.sqrt(k * k * Cg)
+        weight = rng.standard_normal((G, Cg, Cg, k, k))
+        weight = (weight * INIT_STD / np.sqrt(k * k * Cg) if self.init_std is None
+                  else weight * self.init_std)
         self.channels = channels
         self.params = {"weight": xp.asarray(weight, dtype=dtype)}
         if self.learn_diag:
-            self.params["log_diag"] = xp.zeros((G, Cg), dtype=dtype)
-        self._mask = xp.asarray(self_tap_mask(Cg, k), dtype=dtype)
+            idx = np.arange(Cg)
+            log_diag = (np.zeros((G, Cg)) if self.init_std is None       # published: diagonal
+                        else np.log(np.abs(1 + weight[:, idx, idx, k - 1, k - 1])))  # 1 + N(0, std²)
+            self.params["log_diag"] = xp.asarray(log_diag, dtype=dtype)
+        if self.bias:
+            self.params["bias"] = xp.zeros((G, Cg), dtype=dtype)
+        self._mask = xp.asarray(self_tap_mask(Cg, k, self.self_tap), dtype=dtype)
         self.zero_grad()
 
     def _grouped(self, arrays):
         """The group-axis views of "weight" and "log_diag" (identity here; InvConv adds G=1)."""
         return arrays["weight"], arrays.get("log_diag")
+
+    def _bias(self, arrays):
+        """(1, C, 1, 1) view of "bias" to add to (B, C, H, W) images; None without a bias."""
+        if "bias" not in arrays:
+            return None
+        return arrays["bias"].reshape(1, -1, 1, 1)
 
     def effective_weight(self, dtype=None):
         """W ⊙ mask with the self-tap diagonal set to 1 or exp(s): (G, Cg, Cg, k, k)."""
@@ -97,14 +133,31 @@ class GroupedMaskedConv(Layer):
         return w if dtype is None else w.astype(dtype)
 
     def _kernel_weight(self, dtype):
-        """The effective weight in the kernels' layout (G, k, k, C_in, C_out), contiguous."""
-        w = self.effective_weight(dtype)
-        return get_array_module(w).ascontiguousarray(w.transpose(0, 3, 4, 2, 1))
+        """The effective weight in the kernels' layout (G, k, k, C_in, C_out), contiguous; an
+        upper self-tap's channels reversed (``_to_kernel_channels``), so that it is lower."""
+        w = self.effective_weight(dtype).transpose(0, 3, 4, 2, 1)
+        return get_array_module(w).ascontiguousarray(self._to_kernel_channels(w))
+
+    def _to_kernel_channels(self, w):
+        """(G, k, k, C_in, C_out) with both channel axes reversed for an upper self-tap (the
+        kernels see its channels reversed, ``_flips``); unchanged for a lower one. Its own
+        inverse: it also takes the kernels' weight gradient back to the layer's channels."""
+        return w[:, :, :, ::-1, ::-1] if self.self_tap == "upper" else w
 
     # ---- layout: (B, C, H, W) <-> the kernels' grouped layout, in top-left form ---------
     def _flips(self):
-        """(G, 2) int8: does group g flip its rows, its columns, into the top-left form."""
-        return np.array([_FLIPS[corner] for corner in self.corners], dtype=np.int8)
+        """(G, 3) int8: does group g reverse its rows, its columns (into the top-left form),
+        its channels (into a lower-triangular self-tap)."""
+        reverse_channels = self.self_tap == "upper"
+        return np.array([_FLIPS[corner] + (reverse_channels,) for corner in self.corners],
+                        dtype=np.int8)
+
+    def _opposite_flips(self):
+        """``_flips`` with rows and columns toggled (the transposed convolution's corners)
+        and the channels as they are."""
+        flips = self._flips()
+        flips[:, :2] = 1 - flips[:, :2]
+        return flips
 
     # ---- the layer contract -------------------------------------------------------------
     def logdet(self, B, H, W, xp, dtype):
@@ -123,7 +176,11 @@ class GroupedMaskedConv(Layer):
         yg = kernel.conv_forward(xg, self._kernel_weight(x.dtype))
         self._cache = (xg, x.shape)
         B, _, H, W = x.shape
-        return kernel.from_groups(yg, self._flips(), B), self.logdet(B, H, W, xp, x.dtype)
+        y = kernel.from_groups(yg, self._flips(), B)
+        bias = self._bias(self.params)
+        if bias is not None:
+            y += bias.astype(y.dtype, copy=False)
+        return y, self.logdet(B, H, W, xp, x.dtype)
 
     def inverse(self, y, method="wavefront"):
         """x with forward(x)[0] == y. ``method``: "wavefront", anti-diagonal after anti-diagonal
@@ -133,6 +190,9 @@ class GroupedMaskedConv(Layer):
             raise ValueError(f"unknown inverse method {method!r}: choose wavefront or raster")
         self._prepare(y, "y")
         kernel = kernels.for_array(y)
+        bias = self._bias(self.params)
+        if bias is not None:
+            y = y - bias.astype(y.dtype, copy=False)
         solve = kernel.wavefront_inverse if method == "wavefront" else kernel.raster_inverse
         xg = solve(kernel.to_groups(y, self._flips()), self._kernel_weight(y.dtype))
         return kernel.from_groups(xg, self._flips(), y.shape[0])
@@ -147,6 +207,7 @@ class GroupedMaskedConv(Layer):
         dW_eff  = sum_{n,i,j} dy[n, co, i, j] * x[n, ci, i-(k-1)+a, j-(k-1)+b]
         dweight = dW_eff ⊙ mask                       (masked entries and diagonal get 0)
         dlog_diag[c] = dW_eff[c, c, k-1, k-1] * exp(s_c) + H·W·Σ_n dlogdet[n]
+        dbias[c]     = sum_{n,i,j} dy[n, c, i, j]
         """
         cache = getattr(self, "_cache", None)
         check_gradient(dy, None if cache is None else cache[1])
@@ -154,13 +215,15 @@ class GroupedMaskedConv(Layer):
         xg, shape = cache
         kernel = kernels.for_array(dy)
         dy = dy.astype(xg.dtype, copy=False)
-        flips, opposite_flips = self._flips(), 1 - self._flips()
+        flips, opposite_flips = self._flips(), self._opposite_flips()
         dyg = kernel.to_groups(dy, flips)
         w_transposed = self._kernel_weight(xg.dtype).transpose(0, 1, 2, 4, 3)
         dxg = kernel.conv_forward(kernel.to_groups(dy, opposite_flips),
                                   get_array_module(dy).ascontiguousarray(w_transposed))
         dw_kernel = kernel.conv_weight_grad(xg, dyg, self.k)    # (G, k, k, C_in, C_out)
-        dw_eff = dw_kernel.transpose(0, 4, 3, 1, 2)             # (G, C_out, C_in, k, k)
+        dw_eff = self._to_kernel_channels(dw_kernel).transpose(0, 4, 3, 1, 2)  # (G, C_out, C_in, k, k)
+        if "bias" in self.grads:
+            self.grads["bias"] += dy.sum(axis=(0, 2, 3)).reshape(self.grads["bias"].shape)
 
         dweight, dlog_diag = self._grouped(self.grads)
         dweight += (dw_eff * self._mask).astype(dweight.dtype)
@@ -178,15 +241,17 @@ class GroupedMaskedConv(Layer):
 class InvConv(GroupedMaskedConv):
     """The masked k×k invertible convolution (FInC's unit conv; CInC's with ``learn_diag``).
 
-    params: "weight" (C, C, k, k); with ``learn_diag`` also "log_diag" (C,).
+    params: "weight" (C, C, k, k); with ``learn_diag`` also "log_diag" (C,); with ``bias``
+    also "bias" (C,).
 
     >>> import numpy as np, nfcore
     >>> y = np.random.default_rng(0).standard_normal((2, 3, 8, 8))
     >>> x = nfcore.InvConv(k=3).inverse(y)
     """
 
-    def __init__(self, k=3, channels=None, corner="top-left", learn_diag=False, dtype=None, seed=0):
-        super().__init__(k, (corner,), channels, learn_diag, dtype, seed)
+    def __init__(self, k=3, channels=None, corner="top-left", learn_diag=False, dtype=None, seed=0,
+                 self_tap="lower", bias=False, init_std=None):
+        super().__init__(k, (corner,), channels, learn_diag, dtype, seed, self_tap, bias, init_std)
 
     @property
     def corner(self):

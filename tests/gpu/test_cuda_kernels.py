@@ -210,7 +210,8 @@ def check_layer_on_cuda_kernels(make_layer, shape, dtype, monkeypatch, gpu):
 
     def results():
         layer = make_layer()
-        layer.params = {name: p.copy() for name, p in params.items()}
+        for name, p in layer.params.items():
+            p[...] = params[name]
         return layer_results(layer, x, dy, dlogdet)
 
     on_cpu = results()
@@ -229,6 +230,20 @@ def test_invconv_layer_on_cuda_kernels(corner, learn_diag, monkeypatch, gpu):
         return nfcore.InvConv(k=3, channels=2, corner=corner, learn_diag=learn_diag,
                               dtype=np.float64, seed=1)
     check_layer_on_cuda_kernels(make_layer, (2, 2, 3, 4), np.float64, monkeypatch, gpu)
+
+
+@pytest.mark.parametrize("corner", ["top-left", "bottom-right"])
+def test_published_cinc_and_emerging_convs_on_cuda_kernels(corner, monkeypatch, gpu):
+    """An upper self-tap (the channels reversed in the layout conversion) and a bias: the
+    published CInC conv's form, and Emerging's two convolutions."""
+    def make_invconv():
+        return nfcore.InvConv(k=3, channels=3, corner=corner, learn_diag=True, dtype=np.float64,
+                              seed=1, self_tap="upper", bias=True)
+    check_layer_on_cuda_kernels(make_invconv, (2, 3, 3, 4), np.float64, monkeypatch, gpu)
+
+    def make_emerging():
+        return nfcore.EmergingConv(k=3, channels=3, dtype=np.float64, seed=1)
+    check_layer_on_cuda_kernels(make_emerging, (2, 3, 4, 3), np.float64, monkeypatch, gpu)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)

@@ -62,6 +62,14 @@ def test_invconv_cupy_matches_numpy(corner, learn_diag, k, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("layer_class", [nfcore.CInCConv, nfcore.EmergingConv])
+def test_published_cinc_and_emerging_cupy_match_numpy(layer_class, dtype):
+    def make_layer():
+        return layer_class(k=3, seed=1)
+    check_cupy_against_numpy(make_layer, (3, 5, 7, 6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape", [(2, 12, 8, 11), (4, 48, 16, 16)], ids=str)
 def test_finc_unit_cupy_matches_numpy(shape, dtype):
     """The second shape has more (pixel, channel) items per diagonal than a block has threads."""
