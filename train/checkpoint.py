@@ -158,24 +158,28 @@ def remove_stale_temporaries(path):
     return removed
 
 
-def load_checkpoint(path):
-    """(arrays, meta) from a file written by ``save_checkpoint``; arrays are NumPy."""
+def load_checkpoint(path, expected=None):
+    """(arrays, meta) from a file written by ``save_checkpoint``; arrays are NumPy.
+
+    Nothing is read before it is checked, so that a damaged or hostile file cannot make the
+    reader allocate without bound: ``expected`` is a function of the meta (called once the meta
+    is read) returning {name: shape} of the arrays to read; each is checked against the file's
+    own description of it (shape, numeric dtype, stored in the file itself) before it is read,
+    and every other dataset is ignored unread. A name the file lacks is left out (the caller
+    names what it misses). Without ``expected`` every dataset is read, after checking that
+    together they declare no more bytes than the file holds (checkpoints are stored
+    uncompressed). Raises ValueError naming the path and the dataset otherwise."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} is a folder: give the checkpoint file in it, e.g. "
+                         f"{os.path.join(path, 'checkpoint.h5')}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    arrays = {}
-
-    def read(name, item):
-        if isinstance(item, h5py.Dataset):
-            arrays[name] = np.asarray(item[()])
-
     try:
         with h5py.File(path, "r") as file:
             marker = file.attrs.get("format")
             version = file.attrs.get("format_version")
             meta_json = file.attrs.get("meta")
-            if marker == FORMAT:
-                file.visititems(read)
     except (OSError, KeyError, RuntimeError, ValueError) as error:  # h5py on damaged files
         raise ValueError(f"{path}: not a readable checkpoint, truncated or corrupt "
                          f"({error})") from error
@@ -189,4 +193,87 @@ def load_checkpoint(path):
         meta = json.loads(meta_json)
     except (TypeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: the 'meta' attribute is not valid JSON ({error})") from error
-    return arrays, meta
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the 'meta' attribute holds a {type(meta).__name__}, not a "
+                         f"JSON object")
+    return read_arrays(path, None if expected is None else expected(meta)), meta
+
+
+MAX_DATASETS = 100_000      # more than any model this code builds has arrays
+
+
+def read_arrays(path, expected=None):
+    """name -> NumPy array from the checkpoint ``path``, each dataset checked before it is read
+    (see ``load_checkpoint``): ``expected`` {name: shape} reads those alone, None all of them
+    within the file's size."""
+    try:
+        with h5py.File(path, "r") as file:
+            if expected is None:
+                datasets = _all_datasets(path, file)
+            else:
+                datasets = {name: dataset for name in expected
+                            if (dataset := _hard_dataset(path, file, name)) is not None}
+            for name, dataset in datasets.items():
+                _check_dataset(path, name, dataset, None if expected is None else expected[name])
+            if expected is None:
+                _check_total_size(path, datasets)
+            return {name: np.asarray(dataset[()]) for name, dataset in datasets.items()}
+    except (OSError, KeyError, RuntimeError) as error:       # h5py on damaged files
+        raise ValueError(f"{path}: not a readable checkpoint, truncated or corrupt "
+                         f"({error})") from error
+
+
+def _hard_dataset(path, file, name):
+    """The dataset ``name`` of ``file``, None when absent; ValueError when a part of its path
+    is a link (soft or to another file: a checkpoint holds none) or not what it should be."""
+    parts = name.split("/")
+    for depth in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:depth])
+        link = file.get(prefix, getlink=True)
+        if link is None:
+            return None
+        if not isinstance(link, h5py.HardLink):
+            raise ValueError(f"{path}: {prefix} is a {type(link).__name__}, not an array or "
+                             f"group stored in the file")
+    item = file[name]
+    if not isinstance(item, h5py.Dataset):
+        raise ValueError(f"{path}: {name} is a group, expected an array")
+    return item
+
+
+def _all_datasets(path, file):
+    """{name: dataset} of every dataset in ``file`` (links are not followed)."""
+    datasets = {}
+
+    def visit(name, item):
+        if isinstance(item, h5py.Dataset):
+            datasets[name] = item
+        if len(datasets) > MAX_DATASETS:
+            raise ValueError(f"{path}: holds more than {MAX_DATASETS} arrays; not a checkpoint "
+                             f"this code wrote")
+
+    file.visititems(visit)
+    return datasets
+
+
+def _check_dataset(path, name, dataset, shape):
+    """ValueError unless ``dataset`` is a numeric array stored in the file itself, of ``shape``
+    when given; only its description is read."""
+    if dataset.dtype.kind not in ARRAY_KINDS or dataset.dtype.itemsize > 16:
+        raise ValueError(f"{path}: array {name} has dtype {dataset.dtype}, not a number type")
+    if dataset.is_virtual or dataset.external:
+        raise ValueError(f"{path}: array {name} refers to data outside the file")
+    if shape is not None and tuple(dataset.shape) != tuple(shape):
+        raise ValueError(f"{path}: array {name} has shape {tuple(dataset.shape)}, the model built "
+                         f"from its config expects {tuple(shape)}")
+
+
+def _check_total_size(path, datasets):
+    """ValueError when the datasets declare more bytes than the file holds (a chunked dataset
+    declared huge and left mostly unwritten would otherwise be allocated whole)."""
+    declared = sum(int(np.prod(dataset.shape, dtype=np.float64)) * dataset.dtype.itemsize
+                   for dataset in datasets.values())
+    available = os.path.getsize(path)
+    if declared > available:
+        raise ValueError(f"{path}: its arrays declare {declared:,} bytes but the file holds "
+                         f"{available:,}: damaged, or not a checkpoint this code wrote")

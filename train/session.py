@@ -5,10 +5,10 @@ import numpy as np
 
 import nfcore
 
-from data import iterate_test_batches, postprocess, preprocess
+from data import DATASETS, iterate_test_batches, postprocess, preprocess
 from nfcore.backend import default_array_module, to_device, to_numpy
 from nfcore.conditioning import SAMPLE_TOLERANCE
-from nfcore.flow import Flow
+from nfcore.flow import COUPLINGS, STEP_KINDS, Flow
 from nfcore.layers import NonFiniteError
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -17,6 +17,81 @@ from .images import save_image_grid
 
 MODEL_KEYS = ("levels", "steps", "hidden", "invconv", "coupling", "k", "seed", "scale_bound")
 LATER_MODEL_KEYS = {"scale_bound": None}   # added after the first checkpoints: absent = this value
+
+
+# What a checkpoint's config may hold, checked before anything is built from it (a config
+# edited to hidden=10**6 or 100000x100000 images would otherwise allocate without bound):
+# key -> (type, lowest, highest); None means absent or off where the key is optional.
+CONFIG_LIMITS = {
+    "levels": (int, 1, 10), "steps": (int, 1, 1024), "hidden": (int, 1, 16384),
+    "k": (int, 1, 63), "seed": (int, 0, 2 ** 63 - 1), "n_bits": (int, 1, 8),
+    "batch_size": (int, 1, 65536), "warmup": (int, 0, 10 ** 9), "epochs": (int, 1, 10 ** 9),
+    "max_steps": (int, 1, 10 ** 12), "eval_every": (int, 1, 10 ** 12),
+    "sample_every": (int, 1, 10 ** 12), "guard": (int, 1, 64), "image_size": (int, 1, 4096),
+    "lr": (float, 0.0, 1e3), "max_grad_norm": (float, 0.0, 1e300), "ema": (float, 0.0, 1.0),
+    "scale_bound": (float, 0.0, 1e3),
+}
+OPTIONAL_CONFIG_KEYS = ("max_steps", "guard", "image_size", "ema", "scale_bound", "warmup",
+                        "epochs", "eval_every", "sample_every", "lr", "max_grad_norm")
+MAX_IMAGE_SIDE = 4096          # pixels, height and width of the model's images
+MAX_PARAMETERS = 2 * 10 ** 8   # estimated (parameter_bound); the papers' models have < 10**8
+
+
+def parameter_bound(config):
+    """An upper bound on the number of parameters of ``build_flow(config)``, from the config
+    alone (nothing built), per flow step on C channels (C = C₀·2^(level+2)) with h = hidden:
+    the coupling networks (affine h² + 14·C·h + 2h + 3C; quad, three of them, 3h² + 27·C·h +
+    6h + 6C), the invertible convolutions with ActNorm (finc k²C²/4 + 2C² + 3C; cinc k²C² + 3C;
+    emerging ((k+1)²/2 + 2)·C² + 5C; glow1x1 2C² + 3C); per level the Split's prior, 5C²."""
+    channels, levels = config["image_shape"][0], config["levels"]
+    h, k, steps = config["hidden"], config["k"], config["steps"]
+    total = 0
+    for level in range(levels):
+        C = channels * 2 ** (level + 2)
+        coupling = (h * h + 14 * C * h + 2 * h + 3 * C if config["coupling"] == "affine"
+                    else 3 * h * h + 27 * C * h + 6 * h + 6 * C)
+        invertible = {"finc": k * k * C * C // 4 + 2 * C * C + 3 * C, "cinc": k * k * C * C + 3 * C,
+                      "emerging": ((k + 1) ** 2 // 2 + 2) * C * C + 5 * C,
+                      "glow1x1": 2 * C * C + 3 * C}[config["invconv"]]
+        total += steps * (coupling + invertible) + 5 * C * C
+    return total
+
+
+def check_config(config, path):
+    """ValueError naming ``path`` and the key unless a checkpoint's config describes a model
+    this code can build within sane bounds (CONFIG_LIMITS, MAX_IMAGE_SIDE, MAX_PARAMETERS)."""
+    def bad(what):
+        return ValueError(f"{path}: its config {what}; not a checkpoint train.run wrote, or "
+                          f"edited by hand")
+
+    if not isinstance(config, dict):
+        raise bad(f"is a {type(config).__name__}, not a JSON object")
+    for key in MODEL_KEYS + ("image_shape", "n_bits", "batch_size", "dataset"):
+        if key not in config and key not in LATER_MODEL_KEYS:
+            raise bad(f"has no {key!r}")
+    for key, (kind, low, high) in CONFIG_LIMITS.items():
+        value = config.get(key)
+        if value is None and (key in OPTIONAL_CONFIG_KEYS or key in LATER_MODEL_KEYS):
+            continue
+        number = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+        if isinstance(value, bool) or not number or not low <= value <= high:
+            raise bad(f"has {key} = {value!r}, expected {'an integer' if kind is int else 'a number'}"
+                      f" from {low} to {high:g}")
+    shape = config["image_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in shape)
+            and shape[0] in (1, 3) and all(1 <= n <= MAX_IMAGE_SIDE for n in shape[1:])):
+        raise bad(f"has image_shape = {str(shape)[:60]}, expected [1 or 3, height, width] with "
+                  f"sides from 1 to {MAX_IMAGE_SIDE}")
+    for key, choices in (("invconv", STEP_KINDS), ("coupling", COUPLINGS), ("dataset", DATASETS)):
+        if config[key] not in choices:
+            raise bad(f"has {key} = {str(config[key])[:40]!r}, expected one of {', '.join(choices)}")
+    if config.get("recompute") not in (None, True, False):
+        raise bad(f"has recompute = {config['recompute']!r}, expected true or false")
+    if parameter_bound(config) > MAX_PARAMETERS:
+        raise bad(f"describes a model of up to {parameter_bound(config):,} parameters (levels "
+                  f"{config['levels']}, steps {config['steps']}, hidden {config['hidden']}, k "
+                  f"{config['k']}); this code loads at most {MAX_PARAMETERS:,}")
 
 
 def build_flow(config):
@@ -46,6 +121,34 @@ WEIGHTS_HELP = ("which weights to use: ema (default), the exponential moving ave
                 "trained weights; raw: the trained weights themselves")
 
 
+def check_meta(meta, path):
+    """ValueError naming ``path`` unless a checkpoint's meta is a training checkpoint's: a
+    config within bounds (check_config), a step count, the optimizer's step count."""
+    if "config" not in meta:
+        raise ValueError(f"{path}: not a training checkpoint (no config in its metadata)")
+    check_config(meta["config"], path)
+    for key in ("step", "optimizer_step"):
+        value = meta.get(key)
+        if key == "optimizer_step" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+            raise ValueError(f"{path}: its metadata has {key} = {str(value)[:40]}, expected "
+                             f"a count >= 0")
+
+
+def checkpoint_shapes(flow):
+    """{name: shape} of every array ``save_training_checkpoint`` writes for ``flow`` (the
+    optimizer's moments and EMA included): what ``load_flow`` reads, and nothing else."""
+    shapes = {}
+    for index, layer in enumerate(flow.layers):
+        for name, param in layer.params.items():
+            for prefix in ("model", "optim/m", "optim/v", "optim/ema"):
+                shapes[f"{prefix}/{index}/{name}"] = tuple(param.shape)
+        for name, value in layer.state().items():
+            shapes[f"state/{index}/{name}"] = tuple(np.shape(to_numpy(value)))
+    return shapes
+
+
 def load_flow(path, weights="raw"):
     """(flow, meta, arrays) from a checkpoint written by ``save_training_checkpoint``.
 
@@ -56,10 +159,15 @@ def load_flow(path, weights="raw"):
     """
     if weights not in ("raw", "ema"):
         raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
-    arrays, meta = load_checkpoint(path)
-    if "config" not in meta:
-        raise ValueError(f"{path}: not a training checkpoint (no config in its metadata)")
-    flow = build_flow(meta["config"])
+    built = []
+
+    def expected(meta):          # the model first, from a checked config; then what it reads
+        check_meta(meta, path)
+        built.append(build_flow(meta["config"]))
+        return checkpoint_shapes(built[0])
+
+    arrays, meta = load_checkpoint(path, expected)
+    flow = built[0]
     use_ema = weights == "ema" and any(key.startswith("optim/ema/") for key in arrays)
     xp = default_array_module()
     for index, layer in enumerate(flow.layers):
@@ -72,6 +180,9 @@ def load_flow(path, weights="raw"):
                                  f"model built from its config expects {tuple(param.shape)}")
             layer.params[name][...] = xp.asarray(arrays[key], dtype=param.dtype)
         prefix = f"state/{index}/"
+        missing = [f"{prefix}{name}" for name in layer.state() if f"{prefix}{name}" not in arrays]
+        if missing:
+            raise ValueError(f"{path}: layer state {missing[0]} is missing")
         layer.load_state({key[len(prefix):]: (value.item() if value.ndim == 0 else value)
                           for key, value in arrays.items() if key.startswith(prefix)})
     meta = dict(meta, weights="ema" if use_ema else "raw")
