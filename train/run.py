@@ -10,7 +10,9 @@ and test bits/dim), samples_step<N>_t<T>.png (temperatures 0.7 and 1.0), checkpo
 (written atomically: a crash leaves the previous one), final.json (test bits/dim over the whole
 test set, with the weights train.evaluate and train.sample use by default: the EMA under --ema).
 A step whose loss or gradients are NaN/Inf is skipped and logged; too many in a row stop the
-run, keeping the last checkpoint.
+run, keeping the last checkpoint. One run at a time per --out (a lock, <out>/.run.lock, that the
+system releases when the process ends, however it ends): a second run there, or a --resume of a
+running one, names the process holding the folder and exits with status 1.
 
 --resume continues exactly where the checkpoint stopped. It refuses a change to the model
 (--levels --steps --hidden --invconv --coupling --scale-bound --k --seed) or the data
@@ -39,7 +41,7 @@ from nfcore.layers import NonFiniteError
 from nfcore.optim import Adam
 
 from . import distributed
-from .checkpoint import remove_stale_temporaries
+from .files import lock_folder, remove_temporaries
 from .cli import (BLAS_THREADS_HELP, ArgumentParser, at_least, in_range, limit_blas_threads,
                   positive_float, positive_int, run_command)
 from .images import save_bpd_plot
@@ -278,6 +280,25 @@ class Run:
             resume_path = self.checkpoint_path if args.resume == "auto" else args.resume
             if not os.path.exists(resume_path):
                 raise ValueError(f"--resume: no checkpoint at {resume_path}")
+        self.lock = None
+        if self.writes:           # one run per --out (train/files.py), before anything is read
+            prepare_out(args.out)
+            self.lock = lock_folder(args.out)
+        try:
+            self._start(args, resume_path)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self):
+        """Let another run have --out (the OS does it too when the process ends)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    def _start(self, args, resume_path):
+        """The model, data, optimizer and outputs of a new or resumed run (``__init__``)."""
+        communicator = self.communicator
         self.resumed = resume_path is not None
         changes = {}
         if self.resumed:
@@ -300,8 +321,7 @@ class Run:
             communicator.check_same("code", distributed.code_digest())
             communicator.check_same("config", distributed.config_digest(config))
         if self.writes:
-            prepare_out(args.out)
-            removed = remove_stale_temporaries(self.checkpoint_path)
+            removed = remove_temporaries(args.out)
             if removed:
                 print(f"note: removed {len(removed)} temporary file(s) a killed save left in "
                       f"{args.out}", file=sys.stderr)
@@ -533,10 +553,13 @@ def train_on(args, communicator=None):
     nfcore.set_backend(args.backend)
     limit_blas_threads(args.blas_threads)
     run = Run(args, communicator)
-    if run.writes:
-        print(run.describe(), flush=True)
-    train_loop(run, args.time_budget)
-    return finish(run)
+    try:
+        if run.writes:
+            print(run.describe(), flush=True)
+        train_loop(run, args.time_budget)
+        return finish(run)
+    finally:
+        run.release()
 
 
 def main(argv=None):
