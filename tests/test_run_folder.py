@@ -1,6 +1,7 @@
 """What train.run does to its --out folder (issue 23): one run at a time (a lock the OS
 releases when the process dies), every file written whole or not at all, a failed --resume
 that changes nothing, and SIGTERM / SIGINT handled alike."""
+import errno
 import json
 import os
 import signal
@@ -11,8 +12,9 @@ import time
 
 import pytest
 
-from train import run
-from train.files import LOCK_NAME, FolderInUseError, lock_folder
+from train import interpolate, run, sample
+from train.files import (LOCK_NAME, FolderInUseError, OutputWriteError, lock_folder,
+                         write_all_atomically, write_atomically)
 
 TINY = ["--levels", "2", "--steps", "1", "--hidden", "8", "--batch-size", "32"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,3 +85,87 @@ def test_a_run_releases_the_folder_when_it_ends_or_fails(tmp_path, capsys):
     with pytest.raises(FolderInUseError, match=f"process {os.getpid()} holds"):
         lock_folder(str(out))
     lock.close()
+
+
+# ---- every file written whole or not at all ---------------------------------------------------
+def full_disk(monkeypatch):
+    """From now on the disk is full: the bytes of any new file fail to reach it (ENOSPC)."""
+    def full(handle):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full)
+
+
+def snapshot(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_a_failed_resume_on_a_full_disk_changes_nothing(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    run.main(TINY + ["--max-steps", "2", "--eval-every", "1", "--out", str(out)])
+    before = snapshot(out)
+    full_disk(monkeypatch)
+    line = one_line_error(capsys, TINY + ["--max-steps", "30", "--out", str(out), "--resume"])
+    assert "no space left on the device" in line
+    monkeypatch.undo()
+    assert snapshot(out) == before        # config.json and metrics.jsonl unchanged, no .tmp left
+
+
+def test_a_picture_over_an_old_one_on_a_full_disk_keeps_the_old_one(tmp_path, capsys,
+                                                                   monkeypatch):
+    out = tmp_path / "run"
+    run.main(TINY + ["--max-steps", "1", "--out", str(out)])
+    ckpt = str(out / "checkpoint.h5")
+    picture = tmp_path / "s.png"
+    sample.main(["--ckpt", ckpt, "--n", "4", "--out", str(picture)])
+    old = picture.read_bytes()
+    full_disk(monkeypatch)
+    for command, argv in ((sample, ["--n", "9"]), (interpolate, ["--indices", "0", "1"])):
+        with pytest.raises(SystemExit):
+            command.main(["--ckpt", ckpt, "--out", str(picture)] + argv)
+        error = capsys.readouterr().err
+        assert f"cannot write {picture}: no space left on the device; the previous file is " \
+               f"kept" in error, error
+        assert picture.read_bytes() == old
+        assert sorted(os.listdir(tmp_path)) == ["run", "s.png"]
+    with pytest.raises(SystemExit):
+        interpolate.main(["--ckpt", ckpt, "--indices", "0", "1", "--out", str(tmp_path / "i.png")])
+    assert "nothing was written" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["run", "s.png"]     # no 0-byte i.png
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.EIO, "I/O error"), KeyboardInterrupt()])
+def test_write_atomically_leaves_the_previous_file_or_the_new_one(tmp_path, failure):
+    path = tmp_path / "final.json"
+    path.write_text("old")
+
+    def half_then_fail(file):
+        file.write("ne")
+        raise failure
+
+    with pytest.raises(type(failure)):
+        write_atomically(str(path), half_then_fail, binary=False)
+    assert os.listdir(tmp_path) == ["final.json"] and path.read_text() == "old"
+    write_atomically(str(path), lambda file: file.write("new"), binary=False)
+    assert os.listdir(tmp_path) == ["final.json"] and path.read_text() == "new"
+
+
+def test_write_all_atomically_changes_all_files_or_none(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("old a")
+
+    def fail(file):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OutputWriteError, match="cannot write .*b: no space left"):
+        write_all_atomically({str(a): lambda file: file.write("new a"), str(b): fail}, binary=False)
+    assert os.listdir(tmp_path) == ["a"] and a.read_text() == "old a"
+
+
+def test_start_up_removes_what_killed_writes_left(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in (".config.json.x1.tmp", ".bpd.png.y2.tmp", ".metrics.jsonl.z3.tmp"):
+        (out / name).write_bytes(b"")
+    run.main(TINY + ["--max-steps", "1", "--out", str(out)])
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+    assert "removed 3 temporary file(s)" in capsys.readouterr().err

@@ -309,9 +309,15 @@ def test_a_full_disk_during_a_run_ends_with_one_line_and_keeps_the_checkpoint(tm
     run.main(TINY + ["--max-steps", "2", "--out", out])
     before, _ = model_arrays(os.path.join(out, "checkpoint.h5"))
 
-    def full(handle):
+    real_fsync, started = os.fsync, []
+
+    def full(handle):                                   # the disk fills once training started
+        if not started:
+            return real_fsync(handle)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+    real_describe = run.Run.describe
+    monkeypatch.setattr(run.Run, "describe", lambda self: started.append(1) or real_describe(self))
     monkeypatch.setattr(os, "fsync", full)
     line = one_line_error(capsys, run.main, TINY + ["--max-steps", "4", "--eval-every", "3",
                                                     "--out", out, "--resume"])

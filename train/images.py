@@ -8,6 +8,8 @@ import sys
 import numpy as np
 from PIL import Image
 
+from .files import write_atomically
+
 # Named in the error messages; Pillow writes more (writable_extensions()).
 COMMON_EXTENSIONS = (".png", ".jpg", ".bmp", ".gif", ".tif", ".webp")
 
@@ -77,7 +79,16 @@ def save_image_grid(images, path, columns=None, scale=1):
     picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    picture.save(path)
+    save_picture(picture, path)
+
+
+def save_picture(picture, path):
+    """Write a Pillow image to ``path`` in the format its extension names, atomically
+    (train/files.py): a full disk or an interrupt leaves the previous file, never part of one."""
+    kind = Image.registered_extensions()[os.path.splitext(os.fspath(path))[1].lower()]
+    if kind == "JPEG" and picture.mode not in ("L", "RGB"):
+        picture = picture.convert("RGB")
+    write_atomically(path, lambda file: picture.save(file, format=kind))
 
 
 def bpd_curves(records):
@@ -139,4 +150,5 @@ def save_bpd_plot(records, path, title=None):
         title = f"test bits/dim {test[-1][2]:.4f} at step {test[-1][0]}"
     if title:
         figure.suptitle(title)
-    figure.savefig(path)
+    kind = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    write_atomically(path, lambda file: figure.savefig(file, format=kind))   # as save_picture

@@ -34,6 +34,7 @@ from nfcore import latent
 from nfcore.backend import to_device, to_numpy
 
 from .cli import ArgumentParser, at_least, positive_int, run_command
+from .files import write_atomically
 from .model_images import (RESIZED_DATASETS, dequantize, evaluation_noise, read_model_images,
                            save_pictures)
 from .session import add_checkpoint_options, open_checkpoint
@@ -106,11 +107,11 @@ def load_cached_direction(path, key, n_dims):
 
 
 def save_cached_direction(path, key, direction):
-    """Write the cache atomically (a temporary file renamed over it)."""
-    temporary = path + ".tmp.npz"
-    np.savez(temporary, key=key, vector=to_numpy(direction.vector), n_with=direction.n_with,
-             n_without=direction.n_without)
-    os.replace(temporary, path)
+    """Write the cache atomically (train/files.py: a temporary file renamed over it, removed
+    when the write fails)."""
+    write_atomically(path, lambda file: np.savez(
+        file, key=key, vector=to_numpy(direction.vector), n_with=direction.n_with,
+        n_without=direction.n_without))
 
 
 def direction_batches(folder, files, has, config, batch_size):

@@ -41,7 +41,7 @@ from nfcore.layers import NonFiniteError
 from nfcore.optim import Adam
 
 from . import distributed
-from .files import lock_folder, remove_temporaries
+from .files import lock_folder, remove_temporaries, write_all_atomically, write_atomically
 from .cli import (BLAS_THREADS_HELP, ArgumentParser, at_least, in_range, limit_blas_threads,
                   positive_float, positive_int, run_command)
 from .images import save_bpd_plot
@@ -230,9 +230,10 @@ class Metrics:
         self.path, self.records, self.write = path, [], write     # write: False on ranks > 0
 
     def restart(self, until_step):
-        """Keep the records of a resumed run up to its checkpoint's step and rewrite the file.
-        A torn last line (a crash mid-write) is dropped with a note; a bad line elsewhere is an
-        error naming the file and the line."""
+        """Keep the records of a resumed run up to its checkpoint's step (the caller rewrites
+        the file with ``save``, once nothing else can fail). A torn last line (a crash
+        mid-write) is dropped with a note; a bad line elsewhere is an error naming the file and
+        the line."""
         records = []
         if not self.write:
             return
@@ -249,10 +250,11 @@ class Metrics:
                     print(f"note: {self.path}: dropped its torn last line (a crash while it "
                           f"was written)", file=sys.stderr)
         self.records = [r for r in records if r.get("step", 0) <= until_step]
-        with open(self.path + ".tmp", "w") as file:
-            for record in self.records:
-                file.write(json.dumps(record) + "\n")
-        os.replace(self.path + ".tmp", self.path)
+
+    def save(self, file):
+        """Write every record to ``file`` (the whole of metrics.jsonl)."""
+        for record in self.records:
+            file.write(json.dumps(record) + "\n")
 
     def log(self, record):
         self.records.append(record)
@@ -325,8 +327,6 @@ class Run:
             if removed:
                 print(f"note: removed {len(removed)} temporary file(s) a killed save left in "
                       f"{args.out}", file=sys.stderr)
-            with open(os.path.join(args.out, "config.json"), "w") as file:
-                json.dump(config, file, indent=2)
 
         self.batches = Batches(train_images, config["batch_size"], config["n_bits"], config["seed"])
         self.rows = None if communicator is None else communicator.rows(config["batch_size"])
@@ -348,8 +348,14 @@ class Run:
             self.reducer = distributed.GradientAllreduce(self.flow.layers, communicator)
         self.metrics = Metrics(os.path.join(args.out, "metrics.jsonl"), write=self.writes)
         self.metrics.restart(self.step if self.resumed else -1)
+        if changes:
+            self.metrics.records.append(
+                {"step": self.step, "resumed_with": {k: new for k, (_, new) in changes.items()}})
+        if self.writes:           # both or neither, once nothing else can fail (train/files.py)
+            write_all_atomically({os.path.join(args.out, "config.json"):
+                                  lambda file: json.dump(config, file, indent=2),
+                                  self.metrics.path: self.metrics.save}, binary=False)
         if changes and self.writes:
-            self.metrics.log({"step": self.step, "resumed_with": {k: new for k, (_, new) in changes.items()}})
             print("resumed with changed training options: " + ", ".join(
                 f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items()))
         self.started = time.time()
@@ -534,8 +540,8 @@ def finish(run):
              "coupling": config["coupling"], "n_params": run.flow.n_params(),
              "weights": "ema" if run.optimizer.ema is not None else "raw"}
     if run.writes:
-        with open(os.path.join(run.out, "final.json"), "w") as file:
-            json.dump(final, file, indent=2)
+        write_atomically(os.path.join(run.out, "final.json"),
+                         lambda file: json.dump(final, file, indent=2), binary=False)
     say(f"test bits/dim: {test_bpd:.4f}, recon error {recon_error:.1e} ({config['dataset']}, {config['invconv']}, "
           f"{run.step} steps, {final['train_time_s']:.0f} s); results in {run.out}")
     return final
