@@ -8,8 +8,8 @@
 #
 # Run it from anywhere; it works in the repository root with PYTHONPATH=. and needs no
 # installation: python3 (or $PYTHON) with numpy, scipy, numba, numba-cuda, cupy, torch (CUDA),
-# h5py, tqdm, pillow, scikit-learn, threadpoolctl, pytest. The parts, most important first, so
-# that a run cut off early still reports what matters most:
+# h5py, tqdm, pillow, matplotlib, scikit-learn, threadpoolctl, pytest. The parts, most
+# important first, so that a run cut off early still reports what matters most:
 #
 #   a  machine   GPU name, driver, versions of cupy, numba, numba-cuda, torch
 #   b  tests     pytest tests/gpu on the GPU: every CUDA kernel against the CPU kernels, every

@@ -183,7 +183,7 @@ class NcclAllreduce:
     numbered by MPI's COMM_TYPE_SHARED split). Rank 0 makes the NCCL unique id; MPI broadcasts
     it; every rank joins the communicator. The reduction runs on the current CuPy stream and is
     waited for, so the buffer holds the sum when ``sum`` returns. Not run here: this machine
-    has no GPU (see the README's section on distributed training).
+    has no GPU (see docs/distributed.md).
     """
 
     def __init__(self, comm):
