@@ -56,6 +56,18 @@ def test_sample_and_interpolate(tmp_path):
             picture.verify()
 
 
+def test_the_readme_python_quick_start(tmp_path):
+    """The README's Python block, as printed, with its training loop cut to 3 steps."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = readme.split("## Quick start: Python")[1].split("```python\n")[1].split("```")[0]
+    assert "for step in range(300):" in block
+    script = tmp_path / "quick_start.py"
+    script.write_text(block.replace("for step in range(300):", "for step in range(3):")
+                      + "\nassert samples.shape == (16, 1, 8, 8) and np.isfinite(loss)\nprint('ok')\n")
+    out = run([str(script)], tmp_path)
+    assert "dense_solve" in out and out.strip().endswith("ok")
+
+
 def test_custom_layer(tmp_path):
     out = run([example("custom_layer.py"), "--small"], tmp_path)
     assert "LeakyFlow: inverse" in out and "AffineCoupling: inverse" in out
