@@ -169,3 +169,87 @@ def test_start_up_removes_what_killed_writes_left(tmp_path, capsys):
     run.main(TINY + ["--max-steps", "1", "--out", str(out)])
     assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
     assert "removed 3 temporary file(s)" in capsys.readouterr().err
+
+
+# ---- signals ----------------------------------------------------------------------------------
+def test_sigterm_saves_a_checkpoint_at_the_step_reached_says_so_and_exits_143(tmp_path):
+    out = tmp_path / "run"
+    training = subprocess.Popen(
+        [sys.executable, "-m", "train.run", *TINY, "--max-steps", "100000", "--eval-every",
+         "100000", "--sample-every", "100000", "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    assert training.stdout.readline().startswith("nfcore: ")     # training starts now
+    time.sleep(1.0)
+    training.send_signal(signal.SIGTERM)
+    stdout, stderr = training.communicate(timeout=60)
+    assert training.returncode == 143, stderr
+    said = [line for line in (stdout + stderr).splitlines() if "SIGTERM" in line]
+    assert len(said) == 1 and said[0].startswith("terminated (SIGTERM) at step "), stdout + stderr
+    assert "Traceback" not in stderr
+    step = int(said[0].split("at step ")[1].split(":")[0])
+    from train.checkpoint import load_checkpoint
+    assert step > 0 and load_checkpoint(str(out / "checkpoint.h5"))[1]["step"] == step
+
+
+def test_a_second_signal_during_the_save_waits_for_it(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real_step, real_save = run.Run.train_step, run.save_training_checkpoint
+
+    def interrupted_at_step_3(self, x):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self, x)
+
+    def save_hit_by_a_signal(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)             # Ctrl-C again, handled right here
+        real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(run.Run, "train_step", interrupted_at_step_3)
+    monkeypatch.setattr(run, "save_training_checkpoint", save_hit_by_a_signal)
+    with pytest.raises(SystemExit) as stop:
+        run.main(TINY + ["--max-steps", "10", "--out", str(out)])
+    assert stop.value.code == 130
+    said = capsys.readouterr()
+    assert "interrupted (Ctrl-C) at step 3: saving a checkpoint" in said.out
+    assert "note: SIGINT received while the checkpoint is being saved: waiting for the save " \
+           "to end" in said.out + said.err
+    from train.checkpoint import load_checkpoint
+    assert load_checkpoint(str(out / "checkpoint.h5"))[1]["step"] == 3
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler     # restored
+
+
+@pytest.mark.parametrize("tool", ["interpolate", "sample", "evaluate", "reconstruct",
+                                  "manipulate"])
+def test_ctrl_c_in_every_tool_is_one_line_and_status_130(tmp_path, capsys, monkeypatch, tool):
+    from train import evaluate, manipulate, reconstruct
+    commands = {"interpolate": (interpolate, ["--indices", "0", "1"]), "sample": (sample, []),
+                "evaluate": (evaluate, []), "reconstruct": (reconstruct, []),
+                "manipulate": (manipulate, ["--data-dir", str(tmp_path), "--attributes",
+                                            str(tmp_path / "a.txt"), "--attribute", "Smiling"])}
+    module, argv = commands[tool]
+    out = tmp_path / "run"
+    run.main(TINY + ["--max-steps", "1", "--out", str(out)])
+    capsys.readouterr()
+
+    def pressed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "open_checkpoint", pressed)
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--ckpt", str(out / "checkpoint.h5"), *argv])
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "interrupted (Ctrl-C)\n"
+
+
+def test_sigterm_in_a_tool_is_one_line_and_status_143(capsys):
+    from train.cli import run_command
+
+    def killed(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    with pytest.raises(SystemExit) as stop:
+        run_command(killed, None)
+    assert stop.value.code == 143 and capsys.readouterr().err == "terminated (SIGTERM)\n"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

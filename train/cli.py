@@ -1,11 +1,22 @@
 """What the command lines (train.run, sample, evaluate, reconstruct, interpolate, manipulate)
 share: an argument parser whose every mistake is one line, option types that check their range
 where they are parsed, the BLAS thread limit, and the rule that every expected failure ends as
-one line ``error: ...`` with exit status 1 (tracebacks are left to real bugs)."""
+one line ``error: ...`` with exit status 1 (tracebacks are left to real bugs).
+
+Signals: Ctrl-C (SIGINT) and SIGTERM (what ``kill`` and batch schedulers send first) end every
+command with one line, ``interrupted (Ctrl-C)`` or ``terminated (SIGTERM)``, and exit status 130
+or 143 (128 + the signal's number, as a shell reports a process the signal killed). SIGTERM
+raises ``Terminated``, a KeyboardInterrupt, so that whatever handles Ctrl-C handles it alike:
+train.run saves a checkpoint at the step reached and says so. Within ``signals_deferred()`` (a
+checkpoint being saved) a further signal waits: it is noted in one line and the block finishes.
+"""
 import argparse
+import contextlib
 import errno
 import os
+import signal
 import sys
+import threading
 
 import threadpoolctl
 
@@ -90,10 +101,73 @@ def describe(error):
 EXPECTED = (OSError, ValueError, RuntimeError)    # FileNotFoundError, NonFiniteError, h5py's, ...
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received: raised where the program is, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def interruption(stop):
+    """(what, exit status) of a KeyboardInterrupt: Ctrl-C 130, SIGTERM (Terminated) 143."""
+    if isinstance(stop, Terminated):
+        return "terminated (SIGTERM)", 128 + signal.SIGTERM
+    return "interrupted (Ctrl-C)", 128 + signal.SIGINT
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _in_main_thread():
+    return threading.current_thread() is threading.main_thread()
+
+
+_deferring = []     # non-empty inside signals_deferred(): the signals noted there
+
+
+@contextlib.contextmanager
+def signals_deferred(say=None, reraise=True):
+    """Inside, SIGINT and SIGTERM do not interrupt (the block, a checkpoint being saved, runs to
+    its end): the first one is noted with ``say`` (default: a line on stderr) and, with
+    ``reraise``, raised when the block ends (KeyboardInterrupt, or Terminated). Nested blocks
+    are part of the outermost one."""
+    if _deferring or not _in_main_thread():     # only the main thread may set handlers
+        yield
+        return
+
+    def note(signum, frame):
+        if len(_deferring) == 1:
+            _deferring.append(signum)
+            (say or (lambda text: print(text, file=sys.stderr, flush=True)))(
+                f"note: {signal.Signals(signum).name} received while the checkpoint is being "
+                f"saved: waiting for the save to end")
+
+    _deferring.append(None)
+    previous = {number: signal.signal(number, note) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        noted = _deferring[1:]
+        _deferring.clear()
+    if noted and reraise:
+        raise Terminated() if noted[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
 def run_command(command, args):
-    """``command(args)``; an expected failure becomes ``error: <one line>`` and exit status 1."""
+    """``command(args)``; an expected failure becomes ``error: <one line>`` and exit status 1,
+    Ctrl-C or SIGTERM one line and status 130 or 143 (module docstring)."""
+    installed = _in_main_thread()
+    if installed:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return command(args)
+    except KeyboardInterrupt as stop:
+        what, status = interruption(stop)
+        print(what, file=sys.stderr)
+        raise SystemExit(status) from None
     except EXPECTED as error:
         print(f"error: {' '.join(describe(error).split())}", file=sys.stderr)
         raise SystemExit(1)
+    finally:
+        if installed:             # None: a handler set outside Python, the default for us
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

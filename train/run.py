@@ -12,7 +12,10 @@ test set, with the weights train.evaluate and train.sample use by default: the E
 A step whose loss or gradients are NaN/Inf is skipped and logged; too many in a row stop the
 run, keeping the last checkpoint. One run at a time per --out (a lock, <out>/.run.lock, that the
 system releases when the process ends, however it ends): a second run there, or a --resume of a
-running one, names the process holding the folder and exits with status 1.
+running one, names the process holding the folder and exits with status 1. Ctrl-C (SIGINT) or
+SIGTERM (kill, a batch scheduler) during training saves a checkpoint at the step reached, says so
+in one line, and exits with status 130 (SIGINT) or 143 (SIGTERM); --resume continues from there.
+A second signal while that checkpoint is saved waits for the save.
 
 --resume continues exactly where the checkpoint stopped. It refuses a change to the model
 (--levels --steps --hidden --invconv --coupling --scale-bound --k --seed) or the data
@@ -42,8 +45,8 @@ from nfcore.optim import Adam
 
 from . import distributed
 from .files import lock_folder, remove_temporaries, write_all_atomically, write_atomically
-from .cli import (BLAS_THREADS_HELP, ArgumentParser, at_least, in_range, limit_blas_threads,
-                  positive_float, positive_int, run_command)
+from .cli import (BLAS_THREADS_HELP, ArgumentParser, at_least, in_range, interruption,
+                  limit_blas_threads, positive_float, positive_int, run_command, signals_deferred)
 from .images import save_bpd_plot
 from .monitor import RECON_THRESHOLD, check_reconstruction, reconstruction_batch
 from .session import (MODEL_KEYS, build_flow, evaluate_bits_per_dim, load_flow, optimizer_state,
@@ -399,8 +402,9 @@ class Run:
     def checkpoint(self):
         if not self.writes:
             return
-        save_training_checkpoint(self.checkpoint_path, self.flow, self.optimizer,
-                                 {"config": self.config, "step": self.step})
+        with signals_deferred():       # Ctrl-C / SIGTERM take effect once the file is whole
+            save_training_checkpoint(self.checkpoint_path, self.flow, self.optimizer,
+                                     {"config": self.config, "step": self.step})
 
     def evaluate(self):
         """Test bits/dim over the whole test set, with the EMA weights when the run keeps them.
@@ -514,10 +518,12 @@ def train_loop(run, time_budget=None):
                 run.act_on_reconstruction(recon_error, warning, say)
             if run.step % config["sample_every"] == 0:
                 run.samples(say)
-    except KeyboardInterrupt:
-        say(f"interrupted at step {run.step}: saving a checkpoint to resume from")
-        run.checkpoint()
-        raise SystemExit(130)
+    except KeyboardInterrupt as stop:          # Ctrl-C, or SIGTERM (cli.Terminated)
+        what, status = interruption(stop)
+        say(f"{what} at step {run.step}: saving a checkpoint to resume from")
+        with signals_deferred(say, reraise=False):   # a second signal waits for the save
+            run.checkpoint()
+        raise SystemExit(status) from None
     finally:
         progress.close()
 
