@@ -86,6 +86,7 @@ class GroupedMaskedConv(Layer):
         self.self_tap = self_tap
         self.bias = bias
         self.init_std = init_std
+        self.inverse_method = "wavefront"   # what inverse(y) uses when no method is given
         self._lazy_parameters(channels, dtype, seed)
 
     # ---- parameters ---------------------------------------------------------------------
@@ -182,10 +183,12 @@ class GroupedMaskedConv(Layer):
             y += bias.astype(y.dtype, copy=False)
         return y, self.logdet(B, H, W, xp, x.dtype)
 
-    def inverse(self, y, method="wavefront"):
+    def inverse(self, y, method=None):
         """x with forward(x)[0] == y. ``method``: "wavefront", anti-diagonal after anti-diagonal
-        (H+W-1 sequential steps); "raster", pixel after pixel (H·W sequential steps, Emerging's
-        published way, kept as the baseline)."""
+        (H+W-1 sequential steps); "raster", pixel after pixel (H·W sequential steps, the
+        published CInC and Emerging way, kept as the baseline); None: ``self.inverse_method``
+        ("wavefront" unless set, e.g. by bench/sampling.py to time the published CInC)."""
+        method = self.inverse_method if method is None else method
         if method not in ("wavefront", "raster"):
             raise ValueError(f"unknown inverse method {method!r}: choose wavefront or raster")
         self._prepare(y, "y")
