@@ -156,3 +156,36 @@ def test_cupy_weights_with_a_numpy_input_is_one_clear_error():
                                         "'log_s' is a CuPy \\(GPU\\) array: build the layer after "
                                         "nfcore.set_backend\\(\"cpu\"\\)"):
         layer.forward(np.zeros((2, 4, 8, 8), np.float32))
+
+
+def test_a_deferral_in_one_thread_leaves_the_checks_of_the_others_on():
+    """finite_checks_deferred is per thread: while one thread is inside it, another thread's
+    layer still refuses NaN (a module-wide flag would switch the check off everywhere)."""
+    import threading
+
+    bad = np.full((1, 2, 4, 4), np.nan)
+    inside, done, seen = threading.Event(), threading.Event(), {}
+
+    def deferring():
+        with base.finite_checks_deferred():
+            base.check_images(bad, "x")                   # deferred here: no error
+            inside.set()
+            done.wait(10)
+
+    def checking():
+        inside.wait(10)
+        try:
+            base.check_images(bad, "x")
+        except NonFiniteError as error:
+            seen["error"] = error
+        finally:
+            done.set()
+
+    threads = [threading.Thread(target=deferring), threading.Thread(target=checking)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert "x contains NaN or Inf" in str(seen.get("error"))
+    with pytest.raises(NonFiniteError):                   # and none is left deferred here
+        base.check_images(bad, "x")

@@ -16,12 +16,19 @@ layers inside ``finite_checks_deferred()``, where the layers skip that test, and
 per call on what matters (``check_finite``: the input and the loss, or the samples).
 """
 import contextlib
+import threading
 
 import numpy as np
 
 from ..backend import default_array_module, get_array_module, is_cupy_array, to_numpy
 
-_deferred_depth = 0   # > 0 inside finite_checks_deferred()
+_deferred = threading.local()   # .depth > 0 inside finite_checks_deferred(), in this thread
+
+
+def _deferred_depth():
+    """How many finite_checks_deferred() blocks the calling thread is inside (each thread its
+    own: one thread's deferral leaves the NaN/Inf checks of the others on)."""
+    return getattr(_deferred, "depth", 0)
 
 
 class Layer:
@@ -92,7 +99,7 @@ def check_images(x, name="x", channels=None, finite=True):
         raise ValueError(f"{name} has an empty dimension: shape {tuple(x.shape)}")
     if channels is not None and C != channels:
         raise ValueError(f"{name} has {C} channels but the layer was built for {channels}")
-    if finite and not _deferred_depth:
+    if finite and not _deferred_depth():
         check_finite({name: x})
 
 
@@ -115,14 +122,14 @@ def check_finite(arrays, fetch=None):
 @contextlib.contextmanager
 def finite_checks_deferred():
     """Inside, ``check_images`` skips its NaN/Inf test (and NumPy does not warn about
-    overflows): the caller promises one ``check_finite`` on what the layers computed."""
-    global _deferred_depth
-    _deferred_depth += 1
+    overflows): the caller promises one ``check_finite`` on what the layers computed. Per
+    thread, as NumPy's errstate is: another thread's layers keep checking."""
+    _deferred.depth = _deferred_depth() + 1
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             yield
     finally:
-        _deferred_depth -= 1
+        _deferred.depth -= 1
 
 
 def check_same_device(x, params, name="x"):
