@@ -1,13 +1,15 @@
-"""The four flow steps side by side on one data set, same budget, same seed.
+"""The four flow steps side by side on one data set, same budget, same seeds.
 
-    python bench/compare_flows.py                      # digits, 1150 steps each (50 epochs)
+    python bench/compare_flows.py                      # digits, 1150 steps each (50 epochs), seed 0
+    python bench/compare_flows.py --seeds 0 1 2 --coupling affine quad    # the docs' table
     python bench/compare_flows.py --max-steps 300 --coupling quad
 
-For each of finc, cinc, emerging and glow1x1 it trains with ``train.run`` (every other setting
-equal), then reports the parameter count, training time, test bits/dim over the whole test
-set, and the time to sample 100 images at temperature 0.7 on one CPU thread (as the CInC poster
-measures sampling time).
-Runs go to runs/compare/<invconv>-<coupling>.
+For each of finc, cinc, emerging and glow1x1, each coupling and each seed it trains with
+``train.run`` (every other setting equal), then reports the parameter count, training time,
+test bits/dim over the whole test set, and the time to sample 100 images at temperature 0.7 on
+one CPU thread (as the CInC poster measures sampling time). With several seeds each cell is
+the mean ± half the range over the seeds.
+Runs go to runs/compare/<invconv>-<coupling>-s<seed>.
 """
 import argparse
 import json
@@ -46,8 +48,8 @@ def main(argv=None):
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--data-dir")
     parser.add_argument("--max-steps", type=int, default=1150)
-    parser.add_argument("--coupling", default="affine", choices=COUPLINGS)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--coupling", nargs="+", default=["affine"], choices=COUPLINGS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--invconv", nargs="+", default=list(STEP_KINDS), choices=STEP_KINDS)
     parser.add_argument("--out", default=os.path.join("runs", "compare"))
     parser.add_argument("extra", nargs=argparse.REMAINDER,
@@ -56,25 +58,51 @@ def main(argv=None):
     extra = [a for a in args.extra if a != "--"]
 
     rows = []
-    for invconv in args.invconv:
-        out = os.path.join(args.out, f"{invconv}-{args.coupling}")
-        command = ["--dataset", args.dataset, "--invconv", invconv, "--coupling", args.coupling,
-                   "--max-steps", str(args.max_steps), "--seed", str(args.seed), "--out", out,
-                   "--eval-every", str(10 ** 9), "--sample-every", str(10 ** 9)] + extra
-        if args.data_dir:
-            command += ["--data-dir", args.data_dir]
-        print(f"== python -m train.run {' '.join(command)}", flush=True)
-        final = run.main(command)
-        final["sample100_s"] = sampling_time(os.path.join(out, "checkpoint.h5"))
-        rows.append(final)
-
-    print(f"\n{args.dataset}, {args.coupling} coupling, {args.max_steps} steps, seed {args.seed}")
-    print(f"{'invconv':>9} {'params':>9} {'train s':>8} {'test bpd':>9} {'sample 100 (1 thread, T=0.7) s':>31}")
-    for r in rows:
-        print(f"{r['invconv']:>9} {r['n_params']:9,d} {r['train_time_s']:8.0f} {r['test_bpd']:9.4f} "
-              f"{r['sample100_s']:31.3f}")
-    with open(os.path.join(args.out, f"summary-{args.coupling}.json"), "w") as file:
+    for coupling in args.coupling:
+        for seed in args.seeds:
+            for invconv in args.invconv:
+                rows.append(train_one(args, invconv, coupling, seed, extra))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "summary.json"), "w") as file:
         json.dump(rows, file, indent=2)
+    print_table(rows, args)
+
+
+def train_one(args, invconv, coupling, seed, extra):
+    """train.run one model, then time its sampling: its final.json with sample100_s added."""
+    out = os.path.join(args.out, f"{invconv}-{coupling}-s{seed}")
+    command = ["--dataset", args.dataset, "--invconv", invconv, "--coupling", coupling,
+               "--max-steps", str(args.max_steps), "--seed", str(seed), "--out", out,
+               "--eval-every", str(10 ** 9), "--sample-every", str(10 ** 9)] + extra
+    if args.data_dir:
+        command += ["--data-dir", args.data_dir]
+    print(f"== python -m train.run {' '.join(command)}", flush=True)
+    final = run.main(command)
+    final["sample100_s"] = sampling_time(os.path.join(out, "checkpoint.h5"))
+    final["seed"] = seed
+    return final
+
+
+def mean_spread(values, digits):
+    """'mean ± half the range' (just the value for one seed)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {(values.max() - values.min()) / 2:.{digits}f}"
+
+
+def print_table(rows, args):
+    seeds = ", ".join(map(str, args.seeds))
+    print(f"\n{args.dataset}, {args.max_steps} steps, seeds {seeds} (mean ± half the range)")
+    print("| step | coupling | params | train s | test bpd | sample 100 (1 thread, T=0.7) s |")
+    print("|---|---|---:|---:|---:|---:|")
+    for coupling in args.coupling:
+        for invconv in args.invconv:
+            cell = [r for r in rows if r["invconv"] == invconv and r["coupling"] == coupling]
+            print(f"| {invconv} | {coupling} | {cell[0]['n_params']:,} "
+                  f"| {mean_spread([r['train_time_s'] for r in cell], 0)} "
+                  f"| {mean_spread([r['test_bpd'] for r in cell], 4)} "
+                  f"| {mean_spread([r['sample100_s'] for r in cell], 3)} |")
 
 
 if __name__ == "__main__":
