@@ -12,20 +12,24 @@ import numpy as np
 _backend = "numpy"
 
 
+class BackendUnavailable(RuntimeError):
+    """The GPU backend cannot be used on this machine (no CuPy, no driver, no GPU)."""
+
+
 def _import_cupy():
     """Import CuPy, or say clearly why it cannot be used."""
     try:
         import cupy
     except ImportError as error:
-        raise RuntimeError(
+        raise BackendUnavailable(
             "the GPU backend needs CuPy: install it with `pip install -e .[gpu]` "
             "(the cupy-cuda13x wheel)") from error
     try:
         n_devices = cupy.cuda.runtime.getDeviceCount()
     except Exception as error:  # CUDARuntimeError when no driver is present
-        raise RuntimeError(f"CuPy is installed but no CUDA GPU can be used: {error}") from error
+        raise BackendUnavailable(f"CuPy is installed but no CUDA GPU can be used: {error}") from error
     if n_devices == 0:
-        raise RuntimeError("CuPy is installed but no CUDA GPU is present")
+        raise BackendUnavailable("CuPy is installed but no CUDA GPU is present")
     return cupy
 
 

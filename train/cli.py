@@ -3,6 +3,22 @@ share: an argument parser whose every mistake is one line, option types that che
 where they are parsed, the BLAS thread limit, and the rule that every expected failure ends as
 one line ``error: ...`` with exit status 1 (tracebacks are left to real bugs).
 
+Which failures are expected (``is_expected``), one line each:
+
+- an OSError: the system refused (a file missing, the disk full, no permission), said in the
+  system's words with the path; and MemoryError (a request larger than the machine);
+- an exception type of this project (NonFiniteError, InverseAccuracyError, CheckpointWriteError,
+  OutputWriteError, FolderInUseError, RanksDisagree, BackendUnavailable, ...);
+- a ValueError raised by the project's own checks (the innermost frame of its traceback in
+  nfcore/, train/ or data/), and a RuntimeError raised by train/ or data/ (a download that
+  failed, MPI missing): each message names the problem and what to do.
+
+Anything else is a bug and keeps its traceback: an error raised inside NumPy, h5py, Pillow or
+Numba (a shape mismatch deep in a library), a RuntimeError of nfcore's layers ("backward called
+before forward": code calling them in the wrong order), TypeError, KeyError, IndexError,
+AttributeError, ... Setting the environment variable NFCORE_TRACEBACK=1 shows the traceback of
+the expected failures too.
+
 Signals: Ctrl-C (SIGINT) and SIGTERM (what ``kill`` and batch schedulers send first) end every
 command with one line, ``interrupted (Ctrl-C)`` or ``terminated (SIGTERM)``, and exit status 130
 or 143 (128 + the signal's number, as a shell reports a process the signal killed). SIGTERM
@@ -91,6 +107,8 @@ REASONS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file s
 def describe(error):
     """One line for an expected error: an OSError from the system as 'path: reason', anything
     else (our own OSErrors included) its text."""
+    if isinstance(error, MemoryError):
+        return f"out of memory: {error}" if str(error) else "out of memory"
     if isinstance(error, OSError) and error.errno is not None and \
             error.strerror == os.strerror(error.errno):          # the system's own words
         reason = REASONS.get(error.errno, error.strerror or str(error))
@@ -98,7 +116,34 @@ def describe(error):
     return str(error)
 
 
-EXPECTED = (OSError, ValueError, RuntimeError)    # FileNotFoundError, NonFiniteError, h5py's, ...
+PROJECT_PACKAGES = ("nfcore", "train", "data")
+
+
+def _package(module_name):
+    return (module_name or "").split(".")[0]
+
+
+def _raised_in(error):
+    """The top-level package whose code raised ``error``: the innermost frame of its traceback."""
+    frames = error.__traceback__
+    if frames is None:
+        return None
+    while frames.tb_next is not None:
+        frames = frames.tb_next
+    return _package(frames.tb_frame.f_globals.get("__name__"))
+
+
+def is_expected(error):
+    """True when ``error`` is a failure the command lines report in one line, False for a bug
+    (module docstring)."""
+    if isinstance(error, (OSError, MemoryError)):
+        return True
+    if _package(type(error).__module__) in PROJECT_PACKAGES:
+        return True
+    origin = _raised_in(error)
+    if isinstance(error, ValueError):
+        return origin in PROJECT_PACKAGES
+    return isinstance(error, RuntimeError) and origin in ("train", "data")
 
 
 class Terminated(KeyboardInterrupt):
@@ -165,9 +210,11 @@ def run_command(command, args):
         what, status = interruption(stop)
         print(what, file=sys.stderr)
         raise SystemExit(status) from None
-    except EXPECTED as error:
+    except Exception as error:               # noqa: BLE001 -- sorted by is_expected
+        if not is_expected(error) or os.environ.get("NFCORE_TRACEBACK"):
+            raise                              # a bug: its traceback
         print(f"error: {' '.join(describe(error).split())}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     finally:
         if installed:             # None: a handler set outside Python, the default for us
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
