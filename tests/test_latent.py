@@ -1,6 +1,7 @@
 """The latent tools: nfcore.latent against direct computations, and the reconstruct /
 interpolate / manipulate commands on a briefly trained digits model and on a tiny synthetic
 image folder labelled in CelebA's attribute format, bad input included."""
+import errno
 import os
 
 import numpy as np
@@ -288,3 +289,47 @@ def test_manipulate_bad_input_gives_one_clear_line(face_folder, digits_model, tm
     assert digits_model[0] in err and "digits" in err
 
     assert "1,x" in refused(manipulate_args(root, "--alphas", "1,x"))
+
+
+def test_a_damaged_direction_cache_is_recomputed_with_a_note(face_folder, capsys):
+    root, _, _ = face_folder
+    argv = manipulate_args(root, "--direction-images", "10")
+    first = manipulate.main(argv)
+    with open(first["cache"], "rb") as file:
+        whole = file.read()
+    with open(first["cache"], "wb") as file:               # truncated, as a crash would leave it
+        file.write(whole[:len(whole) // 2])
+    capsys.readouterr()
+    again = manipulate.main(argv)
+    assert again["direction"] == "computed" and again["cache"] == first["cache"]
+    assert f"note: the cached direction {first['cache']} is damaged" in capsys.readouterr().err
+    assert manipulate.main(argv)["direction"] == "cached"       # and written whole again
+
+
+def test_a_read_only_checkpoint_folder_caches_the_direction_elsewhere(face_folder, capsys,
+                                                                       monkeypatch, tmp_path):
+    root, _, _ = face_folder
+    run_folder = os.path.abspath(str(root / "run"))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if os.path.abspath(path) ==
+                        run_folder else real_access(path, mode))
+    monkeypatch.setattr(manipulate, "FALLBACK_CACHE", str(tmp_path / "cache"))
+    argv = manipulate_args(root, "--direction-images", "11")
+    result = manipulate.main(argv)
+    assert os.path.dirname(result["cache"]) == str(tmp_path / "cache")
+    assert os.path.exists(result["cache"]) and os.path.exists(root / "manipulate.png")
+    assert f"is read-only: the direction is cached in {result['cache']}" in capsys.readouterr().err
+    assert manipulate.main(argv)["direction"] == "cached"
+
+
+def test_a_cache_that_cannot_be_written_is_skipped_with_a_note(face_folder, capsys, monkeypatch):
+    root, _, _ = face_folder
+
+    def refused(path, key, direction):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+    monkeypatch.setattr(manipulate, "save_cached_direction", refused)
+    result = manipulate.main(manipulate_args(root, "--direction-images", "13"))
+    assert result["direction"] == "computed" and result["cache"] is None
+    err = capsys.readouterr().err
+    assert "note: the direction is not cached (" in err and "the file system is read-only" in err

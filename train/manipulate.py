@@ -9,7 +9,10 @@ the attribute minus the mean latent of those without, over the first --direction
 the attribute file lists. It is cached next to the checkpoint, in
 <checkpoint>.direction-<attribute>-n<N>-<ema|raw>.npz, under a key made of the checkpoint's
 bytes, the weights, the attribute, and the images and labels used: a changed checkpoint,
-attribute file or image count computes it again. The edited images are the last --n images
+attribute file or image count computes it again; so does a damaged cache file, with a note.
+When the checkpoint's folder is read-only the cache goes to ~/.cache/nfcore/directions/
+(a note says where); when it cannot be written at all, a note says so and the edit goes on.
+The edited images are the last --n images
 the file lists (the end of CelebA's test partition and of the folder loader's test split), or
 --images files. Each is encoded to z and decoded from z + alpha·direction; alpha 0 gives the
 image back.
@@ -24,6 +27,7 @@ import hashlib
 import json
 import os
 import sys
+import zipfile
 
 import numpy as np
 from tqdm import tqdm
@@ -33,7 +37,7 @@ from data.folder import celeba_folder, list_images, read_image
 from nfcore import latent
 from nfcore.backend import to_device, to_numpy
 
-from .cli import ArgumentParser, at_least, positive_int, run_command
+from .cli import ArgumentParser, at_least, describe, positive_int, run_command
 from .files import write_atomically
 from .model_images import (RESIZED_DATASETS, dequantize, evaluation_noise, read_model_images,
                            save_pictures)
@@ -76,9 +80,20 @@ def check_folder_matches(folder, attributes, attributes_path, used_files):
 
 
 def cache_path(checkpoint, attribute, n_images, weights):
-    """Where the direction is cached: next to the checkpoint."""
+    """(path, note): where the direction is cached, next to the checkpoint; when the
+    checkpoint's folder cannot be written (read-only), in FALLBACK_CACHE, under a name that
+    also holds a digest of the checkpoint's full path, with a note saying so."""
     stem = os.path.splitext(checkpoint)[0]
-    return f"{stem}.direction-{attribute}-n{n_images}-{weights}.npz"
+    name = f"{os.path.basename(stem)}.direction-{attribute}-n{n_images}-{weights}.npz"
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    if os.access(folder, os.W_OK):
+        return os.path.join(os.path.dirname(checkpoint), name), None
+    where = hashlib.sha256(os.path.abspath(checkpoint).encode()).hexdigest()[:12]
+    path = os.path.join(os.path.expanduser(FALLBACK_CACHE), f"{where}-{name}")
+    return path, f"note: {folder} is read-only: the direction is cached in {path}"
+
+
+FALLBACK_CACHE = os.path.join("~", ".cache", "nfcore", "directions")
 
 
 def cache_key(checkpoint, weights, attribute, files, has):
@@ -93,17 +108,20 @@ def cache_key(checkpoint, weights, attribute, files, has):
 
 
 def load_cached_direction(path, key, n_dims):
-    """(vector, n_with, n_without) from the cache when it holds ``key``; None otherwise."""
+    """(direction, note): the latent.Direction in the cache when it holds ``key``, else None,
+    with a note when the file is there but damaged (truncated, not a cache): it is computed
+    again and the cache rewritten."""
     if not os.path.exists(path):
-        return None
+        return None, None
     try:
         with np.load(path) as cached:
             if str(cached["key"]) != key or cached["vector"].shape != (n_dims,):
-                return None
+                return None, None
             return latent.Direction(cached["vector"], int(cached["n_with"]),
-                                    int(cached["n_without"]))
-    except (OSError, KeyError, ValueError):      # an unreadable cache is computed again
-        return None
+                                    int(cached["n_without"])), None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        return None, (f"note: the cached direction {path} is damaged ({error}); computing it "
+                      f"again")
 
 
 def save_cached_direction(path, key, direction):
@@ -170,18 +188,27 @@ def manipulate(args):
     shown_files = [] if args.images else attributes.files[-args.n:]
     check_folder_matches(folder, attributes, args.attributes, direction_files + shown_files)
 
-    cache = cache_path(args.ckpt, args.attribute, n_direction, meta["weights"])
+    cache, note = cache_path(args.ckpt, args.attribute, n_direction, meta["weights"])
     key = cache_key(args.ckpt, meta["weights"], args.attribute, direction_files, has[:n_direction])
-    direction = load_cached_direction(cache, key, flow.n_dims)
+    direction, damaged = load_cached_direction(cache, key, flow.n_dims)
     source = "cached"
     if direction is None:
+        for line in (note, damaged):
+            if line:
+                print(line, file=sys.stderr)
         source = "computed"
         batches = direction_batches(folder, direction_files, has[:n_direction], config,
                                     args.batch_size or config["batch_size"])
         with tqdm(total=n_direction, desc=f"direction {args.attribute}", unit="img",
                   disable=None) as progress:
             direction = latent.attribute_direction(flow, batches, progress)
-        save_cached_direction(cache, key, direction)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+            save_cached_direction(cache, key, direction)
+        except OSError as error:       # the edit goes on; only the next run recomputes
+            print(f"note: the direction is not cached ({describe(error)}); it will be computed "
+                  f"again next time", file=sys.stderr)
+            cache = None
 
     if args.images:
         images = read_model_images(args.images, config)
