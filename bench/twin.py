@@ -24,7 +24,9 @@ thread settings below then apply to the host side only.
 
 Timing: each side in a process of its own (nfcore's in bench/flow_timing.py, which says why: in
 one process the two would share one OpenMP runtime, set up for one of them), the sides taking
-turns, --rounds processes each, best of all. float32, the same thread count on both sides
+turns, --rounds processes each (default 5); each process keeps its best call, and the table
+gives the median over the processes and the median of the paired ratios, with their range (the
+machine drifts by ±20%: best-of-3 figures swung). float32, the same thread count on both sides
 (torch.set_num_threads and numba.set_num_threads; nfcore's NumPy BLAS gets --blas-threads, by
 default as many as --threads, as in train.run), on uniform-noise 8-bit images of CIFAR's shape,
 dequantized as train.run does, the same model on both sides (bench.flow_timing.make_flow, then
@@ -32,7 +34,8 @@ from_nfcore):
 
     train step   forward + backward + Adam step (global-norm clipping at 50): images/s, best of
                  several (paper: one step)
-    sample       100 images at temperature 0.7, ONE thread on both sides: seconds, best of several
+    sample       100 images at temperature 0.7, ONE thread on both sides (torch under
+                 inference_mode): seconds, best of several
                  (timed first, on the initialized model: a few Adam steps on noise can make an
                  untrained model's samples overflow)
 
@@ -592,7 +595,7 @@ def time_torch(preset, invconv, coupling, n_threads, sample, device="cpu"):
         torch.set_num_threads(1)
 
         def draw():
-            with torch.no_grad():
+            with torch.inference_mode():      # no autograd bookkeeping at all (not only no grad)
                 twin.sample(N_SAMPLES, TEMPERATURE)
             sync()
 
@@ -631,23 +634,33 @@ def run_side(side, preset, invconv, coupling, n_threads, blas_threads, sample, d
 
 def benchmark(preset, invconv, coupling, n_threads, blas_threads, rounds, sample=True,
               device="cpu"):
-    """One row of the table: images/s of a training step and seconds to sample 100, both sides;
-    the two sides take turns, ``rounds`` processes each, and each keeps its best (the machine's
-    speed drifts: taking turns exposes both to it alike)."""
-    best = {"nfcore": {}, "torch": {}}
+    """One row of the table: images/s of a training step and seconds to sample 100, both sides.
+    The two sides take turns, ``rounds`` processes each (the machine's speed drifts by ±20%:
+    taking turns exposes both to it alike); each figure is the median over the rounds, and each
+    ratio the median of the rounds' paired ratios (nfcore's round r against torch's round r),
+    with their range."""
+    times = {"nfcore": [], "torch": []}
     for _ in range(1 if preset == "paper" else rounds):
         for side in ("nfcore", "torch"):
-            times = run_side(side, preset, invconv, coupling, n_threads, blas_threads, sample,
-                             device)
-            for name, seconds in times.items():
-                best[side][name] = min(best[side].get(name, math.inf), seconds)
+            times[side].append(run_side(side, preset, invconv, coupling, n_threads, blas_threads,
+                                        sample, device))
     batch = PRESETS[preset]["batch"]
-    row = {"preset": preset, "invconv": invconv,
-           "nfcore_img_s": batch / best["nfcore"]["step_s"],
-           "torch_img_s": batch / best["torch"]["step_s"]}
+
+    def series(side, name):
+        return np.array([round_times[name] for round_times in times[side]])
+
+    step_ratios = series("torch", "step_s") / series("nfcore", "step_s")   # nfcore speed / torch's
+    row = {"preset": preset, "invconv": invconv, "rounds": len(times["nfcore"]),
+           "nfcore_img_s": batch / float(np.median(series("nfcore", "step_s"))),
+           "torch_img_s": batch / float(np.median(series("torch", "step_s"))),
+           "step_ratio": float(np.median(step_ratios)),
+           "step_ratio_range": (float(step_ratios.min()), float(step_ratios.max()))}
     if sample:
-        row["nfcore_sample_s"] = best["nfcore"]["sample_s"]
-        row["torch_sample_s"] = best["torch"]["sample_s"]
+        sample_ratios = series("torch", "sample_s") / series("nfcore", "sample_s")
+        row.update(nfcore_sample_s=float(np.median(series("nfcore", "sample_s"))),
+                   torch_sample_s=float(np.median(series("torch", "sample_s"))),
+                   sample_ratio=float(np.median(sample_ratios)),
+                   sample_ratio_range=(float(sample_ratios.min()), float(sample_ratios.max())))
     return row
 
 
@@ -655,15 +668,18 @@ def print_table(rows, n_threads, blas_threads, device="cpu"):
     where = (f"{n_threads} threads, nfcore BLAS {blas_threads}" if device == "cpu"
              else "nfcore on CuPy, torch on CUDA")
     print(f"\nTraining step (float32, {where}): images/s; sampling 100 images at T=0.7"
-          f"{' on one thread' if device == 'cpu' else ''}: s. Ratio: nfcore speed / torch speed.")
-    print(f"{'preset':>6} {'invconv':>9} {'nfcore img/s':>12} {'torch img/s':>11} {'ratio':>6} "
-          f"{'nfcore sample s':>15} {'torch sample s':>14} {'ratio':>6}")
+          f"{' on one thread' if device == 'cpu' else ''}: s. Medians over the rounds; ratio: "
+          f"nfcore speed / torch speed, the median of the paired rounds [their range].")
+    print(f"{'preset':>6} {'invconv':>9} {'nfcore img/s':>12} {'torch img/s':>11} "
+          f"{'ratio [range]':>18} {'nfcore sample s':>15} {'torch sample s':>14} {'ratio [range]':>18}")
     for r in rows:
+        low, high = r["step_ratio_range"]
         line = (f"{r['preset']:>6} {r['invconv']:>9} {r['nfcore_img_s']:12.1f} "
-                f"{r['torch_img_s']:11.1f} {r['nfcore_img_s'] / r['torch_img_s']:6.2f}")
+                f"{r['torch_img_s']:11.1f} {r['step_ratio']:6.2f} [{low:.2f}-{high:.2f}]")
         if "nfcore_sample_s" in r:
+            low, high = r["sample_ratio_range"]
             line += (f" {r['nfcore_sample_s']:15.3f} {r['torch_sample_s']:14.3f} "
-                     f"{r['torch_sample_s'] / r['nfcore_sample_s']:6.2f}")
+                     f"{r['sample_ratio']:6.2f} [{low:.2f}-{high:.2f}]")
         print(line)
     by_kind = {r["invconv"]: r for r in rows if "nfcore_sample_s" in r}
     if "finc" in by_kind and "glow1x1" in by_kind:
@@ -689,9 +705,9 @@ def main(argv=None):
                         help="threads of NumPy's BLAS on nfcore's side (default: --threads, "
                              "as train.run)")
     parser.add_argument("--no-sample", action="store_true", help="skip the sampling times")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="processes per side and row, taking turns; each side keeps its "
-                             "best (default 2; the paper preset: 1)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="processes per side and row, taking turns; medians over them "
+                             "(default 5; the paper preset: 1)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="cpu (default), or cuda: nfcore on CuPy (the CUDA kernels) against "
                              "the twin on PyTorch CUDA, the agreement check included")
