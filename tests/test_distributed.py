@@ -228,3 +228,50 @@ def _rank_pid(rank, marker):
         if marker in command and "train.run" in command and f"PMI_RANK={rank}".encode() in environment:
             return int(pid)
     return None
+
+
+def test_start_up_checks_say_what_to_change():
+    from train.distributed import check_batch_size, check_gpus_per_machine
+    check_batch_size(2, 2)
+    with pytest.raises(ValueError, match="--batch-size 1 is split over 2 ranks.*--batch-size >= 2"):
+        check_batch_size(1, 2)
+    check_gpus_per_machine(1, 1)
+    with pytest.raises(RuntimeError, match="2 ranks on this machine but 1 GPU.*at most 1 rank"):
+        check_gpus_per_machine(2, 1)
+
+
+def test_nccl_refuses_more_ranks_than_gpus_before_it_starts(monkeypatch):
+    """NcclAllreduce with CuPy, NCCL and MPI faked: two ranks on a machine with one GPU fail
+    with the start-up message before any device is chosen or NCCL communicator made."""
+    import types
+    from train import distributed
+
+    touched = []
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1)
+    cuda = types.ModuleType("cupy.cuda")
+    cuda.runtime = runtime
+    cuda.Device = lambda index: touched.append(("device", index))
+    nccl = types.ModuleType("cupy.cuda.nccl")
+    nccl.get_unique_id = lambda: touched.append("nccl")
+    cuda.nccl = nccl
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = cuda
+    mpi = types.ModuleType("mpi4py")
+    mpi.MPI = types.SimpleNamespace(COMM_TYPE_SHARED=1)
+    for name, module in (("cupy", cupy), ("cupy.cuda", cuda), ("cupy.cuda.nccl", nccl),
+                         ("mpi4py", mpi)):
+        monkeypatch.setitem(sys.modules, name, module)
+    local = types.SimpleNamespace(Get_rank=lambda: 1, Get_size=lambda: 2)
+    comm = types.SimpleNamespace(Split_type=lambda kind: local, Get_rank=lambda: 1,
+                                 Get_size=lambda: 2)
+    with pytest.raises(RuntimeError, match="2 ranks on this machine but 1 GPU"):
+        distributed.NcclAllreduce(comm)
+    assert touched == []
+
+
+@needs_mpi
+def test_a_batch_smaller_than_the_ranks_is_refused_at_start_up(tmp_path):
+    done = run_mpi(2, [*TINY, "--batch-size", "1", "--distributed", "--out", str(tmp_path / "r")])
+    assert done.returncode != 0
+    assert "--batch-size 1 is split over 2 ranks" in done.stderr, done.stderr
+    assert "empty dimension" not in done.stderr

@@ -63,6 +63,24 @@ class RanksDisagree(ValueError):
     """Raised on every rank alike (so the job can end without MPI_Abort)."""
 
 
+def check_batch_size(batch_size, size):
+    """ValueError, at start-up, unless a global batch of ``batch_size`` gives each of ``size``
+    ranks at least one image (a rank without rows would fail inside a layer)."""
+    if batch_size < size:
+        raise ValueError(f"--distributed: --batch-size {batch_size} is split over {size} ranks, "
+                         f"and each rank needs at least one image per step: give --batch-size "
+                         f">= {size}, or start at most {batch_size} ranks")
+
+
+def check_gpus_per_machine(ranks_here, n_gpus):
+    """RuntimeError, before NCCL starts, unless this machine has a GPU for each of its ranks
+    (NCCL refuses two ranks on one GPU)."""
+    if ranks_here > n_gpus:
+        raise RuntimeError(f"--distributed --backend gpu: {ranks_here} ranks on this machine but "
+                           f"{n_gpus} GPU(s); NCCL needs a GPU of its own for each rank: start at "
+                           f"most {n_gpus} rank(s) per machine")
+
+
 def rows_of_rank(batch_size, rank, size):
     """[lo, hi): the rows of a batch of ``batch_size`` that rank ``rank`` of ``size`` takes,
     lo = ⌊rank·B/size⌋ (contiguous, sizes differing by at most one, covering the batch)."""
@@ -195,8 +213,10 @@ class NcclAllreduce:
                                "\".[gpu,mpi]\"") from None
         from mpi4py import MPI
         self.cupy, self.nccl = cupy, nccl
-        local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-        cupy.cuda.Device(local_rank % cupy.cuda.runtime.getDeviceCount()).use()
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        local_rank, n_gpus = local.Get_rank(), cupy.cuda.runtime.getDeviceCount()
+        check_gpus_per_machine(local.Get_size(), n_gpus)
+        cupy.cuda.Device(local_rank % n_gpus).use()
         unique_id = nccl.get_unique_id() if comm.Get_rank() == 0 else None
         unique_id = comm.bcast(unique_id, root=0)
         self.communicator = nccl.NcclCommunicator(comm.Get_size(), unique_id, comm.Get_rank())

@@ -332,6 +332,8 @@ class Run:
                       f"{args.out}", file=sys.stderr)
 
         self.batches = Batches(train_images, config["batch_size"], config["n_bits"], config["seed"])
+        if communicator is not None:
+            distributed.check_batch_size(config["batch_size"], communicator.size)
         self.rows = None if communicator is None else communicator.rows(config["batch_size"])
         self.max_steps = config["max_steps"] or config["epochs"] * self.batches.steps_per_epoch
         if not self.resumed:      # data-dependent initialization (ActNorm) on the first batch
