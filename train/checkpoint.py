@@ -2,7 +2,7 @@
 
 File layout (HDF5, via h5py)::
 
-    /                       attributes: format = "nfcore-checkpoint", format_version = 1,
+    /                       attributes: format = "nfcore-checkpoint", format_version = 2,
                                         meta = JSON text (train.run: the run's config, step,
                                         optimizer_step)
     /model/3/weight         one dataset per array; "/" in a name makes HDF5 groups
@@ -37,7 +37,11 @@ import numpy as np
 from nfcore.backend import to_numpy
 
 FORMAT = "nfcore-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The format version from which each step kind's layers have their present definition: version 2
+# made `cinc` and `emerging` the published layers (upper-triangular self-tap, bias; Emerging's
+# two convolutions in the published order). Older files hold weights of a different function.
+LAYER_DEFINITION_VERSION = {"cinc": 2, "emerging": 2}
 ARRAY_KINDS = "biufc"  # bool, int, unsigned, float, complex
 
 
@@ -196,7 +200,23 @@ def load_checkpoint(path, expected=None):
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: the 'meta' attribute holds a {type(meta).__name__}, not a "
                          f"JSON object")
+    check_layer_definition(path, int(version), meta)
     return read_arrays(path, None if expected is None else expected(meta)), meta
+
+
+def check_layer_definition(path, version, meta):
+    """Refuse a checkpoint whose step kind's layer has changed definition since it was written
+    (``LAYER_DEFINITION_VERSION``): its weights would be loaded into a different function."""
+    config = meta.get("config")
+    invconv = config.get("invconv") if isinstance(config, dict) else None
+    since = LAYER_DEFINITION_VERSION.get(invconv) if isinstance(invconv, str) else None
+    if since is not None and version < since:
+        change = ("upper-triangular self-tap, bias" if invconv == "cinc" else
+                  "its two convolutions in the published order and orientations, bias")
+        raise ValueError(
+            f"{path}: a --invconv {invconv} checkpoint of format version {version}, written "
+            f"before version {since} changed the {invconv} layer to the published definition "
+            f"({change}); its weights belong to a different function: train the model again")
 
 
 MAX_DATASETS = 100_000      # more than any model this code builds has arrays

@@ -41,8 +41,9 @@ def parameter_bound(config):
     """An upper bound on the number of parameters of ``build_flow(config)``, from the config
     alone (nothing built), per flow step on C channels (C = C₀·2^(level+2)) with h = hidden:
     the coupling networks (affine h² + 14·C·h + 2h + 3C; quad, three of them, 3h² + 27·C·h +
-    6h + 6C), the invertible convolutions with ActNorm (finc k²C²/4 + 2C² + 3C; cinc k²C² + 3C;
-    emerging ((k+1)²/2 + 2)·C² + 5C; glow1x1 2C² + 3C); per level the Split's prior, 5C²."""
+    6h + 6C), the invertible convolutions with ActNorm (finc k²C²/4 + 2C² + 3C; cinc k²C² + 4C;
+    emerging ((k+1)²/2 + 2)·C² + 6C, both with their bias; glow1x1 2C² + 3C); per level the
+    Split's prior, 5C²."""
     channels, levels = config["image_shape"][0], config["levels"]
     h, k, steps = config["hidden"], config["k"], config["steps"]
     total = 0
@@ -50,8 +51,8 @@ def parameter_bound(config):
         C = channels * 2 ** (level + 2)
         coupling = (h * h + 14 * C * h + 2 * h + 3 * C if config["coupling"] == "affine"
                     else 3 * h * h + 27 * C * h + 6 * h + 6 * C)
-        invertible = {"finc": k * k * C * C // 4 + 2 * C * C + 3 * C, "cinc": k * k * C * C + 3 * C,
-                      "emerging": ((k + 1) ** 2 // 2 + 2) * C * C + 5 * C,
+        invertible = {"finc": k * k * C * C // 4 + 2 * C * C + 3 * C, "cinc": k * k * C * C + 4 * C,
+                      "emerging": ((k + 1) ** 2 // 2 + 2) * C * C + 6 * C,
                       "glow1x1": 2 * C * C + 3 * C}[config["invconv"]]
         total += steps * (coupling + invertible) + 5 * C * C
     return total
