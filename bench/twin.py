@@ -453,7 +453,7 @@ def twin_layer(layer):
         return Conv1x1(layer.channels)
     if isinstance(layer, GroupedMaskedConv):
         return MaskedConv(layer.channels, layer.k, layer.corners, layer.learn_diag,
-                          self_tap=layer.self_tap, bias=layer.bias)
+                          self_tap=layer.self_tap, bias=layer.has_bias)
     if isinstance(layer, nf.EmergingConv):
         return EmergingConv(layer.channels, layer.conv1.k)
     if isinstance(layer, nf.BlockCoupling):

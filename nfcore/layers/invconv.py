@@ -84,7 +84,7 @@ class GroupedMaskedConv(Layer):
         self.corners = tuple(corners)
         self.learn_diag = learn_diag
         self.self_tap = self_tap
-        self.bias = bias
+        self.has_bias = bias
         self.init_std = init_std
         self.inverse_method = "wavefront"   # what inverse(y) uses when no method is given
         self._lazy_parameters(channels, dtype, seed)
@@ -107,7 +107,7 @@ class GroupedMaskedConv(Layer):
             log_diag = (np.zeros((G, Cg)) if self.init_std is None       # published: diagonal
                         else np.log(np.abs(1 + weight[:, idx, idx, k - 1, k - 1])))  # 1 + N(0, std²)
             self.params["log_diag"] = xp.asarray(log_diag, dtype=dtype)
-        if self.bias:
+        if self.has_bias:
             self.params["bias"] = xp.zeros((G, Cg), dtype=dtype)
         self._mask = xp.asarray(self_tap_mask(Cg, k, self.self_tap), dtype=dtype)
         self.zero_grad()
@@ -116,11 +116,12 @@ class GroupedMaskedConv(Layer):
         """The group-axis views of "weight" and "log_diag" (identity here; InvConv adds G=1)."""
         return arrays["weight"], arrays.get("log_diag")
 
-    def _bias(self, arrays):
-        """(1, C, 1, 1) view of "bias" to add to (B, C, H, W) images; None without a bias."""
-        if "bias" not in arrays:
+    def _bias_image(self, dtype):
+        """The bias as a (1, C, 1, 1) array of ``dtype`` to add to (B, C, H, W) images; None
+        without a bias."""
+        if not self.has_bias:
             return None
-        return arrays["bias"].reshape(1, -1, 1, 1)
+        return self.params["bias"].reshape(1, -1, 1, 1).astype(dtype, copy=False)
 
     def effective_weight(self, dtype=None):
         """W ⊙ mask with the self-tap diagonal set to 1 or exp(s): (G, Cg, Cg, k, k)."""
@@ -178,9 +179,9 @@ class GroupedMaskedConv(Layer):
         self._cache = (xg, x.shape)
         B, _, H, W = x.shape
         y = kernel.from_groups(yg, self._flips(), B)
-        bias = self._bias(self.params)
+        bias = self._bias_image(y.dtype)
         if bias is not None:
-            y += bias.astype(y.dtype, copy=False)
+            y += bias
         return y, self.logdet(B, H, W, xp, x.dtype)
 
     def inverse(self, y, method=None):
@@ -193,9 +194,9 @@ class GroupedMaskedConv(Layer):
             raise ValueError(f"unknown inverse method {method!r}: choose wavefront or raster")
         self._prepare(y, "y")
         kernel = kernels.for_array(y)
-        bias = self._bias(self.params)
+        bias = self._bias_image(y.dtype)
         if bias is not None:
-            y = y - bias.astype(y.dtype, copy=False)
+            y = y - bias
         solve = kernel.wavefront_inverse if method == "wavefront" else kernel.raster_inverse
         xg = solve(kernel.to_groups(y, self._flips()), self._kernel_weight(y.dtype))
         return kernel.from_groups(xg, self._flips(), y.shape[0])
@@ -225,7 +226,7 @@ class GroupedMaskedConv(Layer):
                                   get_array_module(dy).ascontiguousarray(w_transposed))
         dw_kernel = kernel.conv_weight_grad(xg, dyg, self.k)    # (G, k, k, C_in, C_out)
         dw_eff = self._to_kernel_channels(dw_kernel).transpose(0, 4, 3, 1, 2)  # (G, C_out, C_in, k, k)
-        if "bias" in self.grads:
+        if self.has_bias:
             self.grads["bias"] += dy.sum(axis=(0, 2, 3)).reshape(self.grads["bias"].shape)
 
         dweight, dlog_diag = self._grouped(self.grads)
