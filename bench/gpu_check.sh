@@ -2,8 +2,8 @@
 # The GPU proof in one command: correctness and speed of nfcore on a CUDA GPU, in about five
 # minutes, written to OUT_DIR/report.md with one log per part.
 #
-#   bash bench/gpu_check.sh OUT_DIR              # the whole check, at most 5 minutes
-#   bash bench/gpu_check.sh --quick OUT_DIR      # smaller, at most 2 minutes
+#   bash bench/gpu_check.sh OUT_DIR              # the whole check, at most 6 minutes
+#   bash bench/gpu_check.sh --quick OUT_DIR      # smaller, at most 3 minutes
 #   bash bench/gpu_check.sh --simulate OUT_DIR   # no GPU: Numba's CUDA simulator, tiny sizes
 #
 # Run it from anywhere; it works in the repository root with PYTHONPATH=. and needs no
@@ -24,12 +24,16 @@
 #                bits/dim equal within float32 rounding, images/s
 #   f  twin      bench/twin.py --device cuda: nfcore on CuPy against the PyTorch twin on CUDA,
 #                agreement, training images/s and sampling time
+#   g  nccl      bench/gpu_distributed.py: 5 steps of mpiexec -n 1 python -m train.run
+#                --distributed --backend gpu (the NCCL set-up and Allreduce, on one GPU)
+#                against the same 5 steps of --backend cpu: test bits/dim after each step and
+#                the steps' train bits/dim equal to 1e-4 relative (needs MPI: .[mpi])
 #
-# Each part has its own time limit and a shared deadline (300 s, 120 s with --quick); a part
+# Each part has its own time limit and a shared deadline (360 s, 160 s with --quick); a part
 # that runs out is reported TIMED OUT with what its log holds so far. Exit status: 0 when every
 # part passed or was skipped, 1 when any failed or timed out, 2 for a wrong command line.
 # --simulate sets NUMBA_ENABLE_CUDASIM=1: part b runs the kernels under the simulator, and the
-# parts that need CuPy or CUDA (c-f) are reported as skipped, not failed.
+# parts that need CuPy or CUDA (c-g) are reported as skipped, not failed.
 set -uo pipefail
 
 usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -56,7 +60,7 @@ export PYTHONUNBUFFERED=1
 if [ "$SIMULATE" = 1 ]; then export NUMBA_ENABLE_CUDASIM=1; fi
 
 if [ "$SIMULATE" = 1 ]; then MODE="CUDA simulator (no GPU)"; else MODE="GPU"; fi
-if [ "$QUICK" = 1 ]; then DEADLINE=120; else DEADLINE=300; fi
+if [ "$QUICK" = 1 ]; then DEADLINE=160; else DEADLINE=360; fi
 START=$(date +%s)
 REPORT="$OUT/report.md"
 FAILED=0
@@ -218,6 +222,7 @@ if [ "$SIMULATE" = 1 ]; then
     part d "sampling time against image size" 10 "cupy" true
     part e "training, GPU against CPU" 10 "cupy" true
     part f "PyTorch twin on CUDA" 10 "cupy torch_cuda" true
+    part g "distributed training on one GPU (NCCL), against the CPU" 10 "cupy" true
 elif [ "$QUICK" = 1 ]; then
     part a "machine" 15 "" machine
     part b "pytest tests/gpu (float32)" 55 "cupy" gpu_tests -x tests/gpu -k "not float64"
@@ -228,6 +233,8 @@ elif [ "$QUICK" = 1 ]; then
     part e "training, GPU against CPU" 20 "cupy" "$PYTHON" bench/gpu_train.py --quick "$OUT/e_runs"
     part f "PyTorch twin on CUDA" 10 "cupy torch_cuda" \
         "$PYTHON" bench/twin.py --device cuda --skip-check --invconv finc --no-sample --rounds 1
+    part g "distributed training on one GPU (NCCL), against the CPU" 40 "cupy" \
+        "$PYTHON" bench/gpu_distributed.py "$OUT/g_runs"
 else
     part a "machine" 15 "" machine
     part b "pytest tests/gpu" 110 "cupy" gpu_tests tests/gpu
@@ -238,6 +245,8 @@ else
     part e "training, GPU against CPU" 50 "cupy" "$PYTHON" bench/gpu_train.py "$OUT/e_runs"
     part f "PyTorch twin on CUDA" 40 "cupy torch_cuda" \
         "$PYTHON" bench/twin.py --device cuda --invconv finc glow1x1 --rounds 1
+    part g "distributed training on one GPU (NCCL), against the CPU" 60 "cupy" \
+        "$PYTHON" bench/gpu_distributed.py "$OUT/g_runs"
 fi
 
 {

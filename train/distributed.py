@@ -150,12 +150,12 @@ class Communicator:
         return values
 
     def sum_buffer(self, buffer):
-        """Σ over the ranks of ``buffer`` in place: NCCL for a CuPy buffer, MPI for NumPy."""
-        if self.size == 1:
-            return
+        """Σ over the ranks of ``buffer`` in place: NCCL for a CuPy buffer, MPI for NumPy.
+        NCCL runs on one rank too (an identity, one call per step), so that ``mpiexec -n 1
+        ... --backend gpu`` on a single GPU exercises it (bench/gpu_distributed.py)."""
         if self.nccl is not None and not isinstance(buffer, np.ndarray):
             self.nccl.sum(buffer)
-        else:
+        elif self.size > 1:
             self.comm.Allreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)
 
     def global_moments(self, x):
