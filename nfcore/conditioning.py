@@ -77,6 +77,7 @@ RECOMPUTE_TOLERANCE = 1e-3     # memory-saving check: relative error of a rebuil
 PERTURBATION = 1e-3            # the sample check's δ: large against rounding, small against curvature
 GUARD_GAIN = 10.0              # the training guard's bound on each masked conv's inverse_gain
 GUARD_SHRINK = 0.9             # ... and the factor it scales the off-centre taps by until within it
+GUARD_ROUNDS = 100             # ... at most this many times per layer and call (0.9^100 ≈ 3e-5)
 
 
 def masked_convs_with_sizes(flow):
@@ -94,31 +95,44 @@ def masked_convs_with_sizes(flow):
     return found
 
 
-def guard_conditioning(flow, scale=4, max_gain=GUARD_GAIN, shrink=GUARD_SHRINK, seed=0):
+def guard_conditioning(flow, scale=4, max_gain=None, shrink=None, seed=0, rounds=None,
+                       gave_up=None):
     """The training-time guard of the masked convolutions (the couplings have theirs in the
     model: ``Flow(..., scale_bound=c)``, layers/coupling.py): keep every masked convolution's
     inverse well conditioned at
     ``scale`` times the flow's image size. For each one whose ``inverse_gain`` at that size
-    exceeds ``max_gain``, scale its off-centre taps by ``shrink`` until it does not (the self-tap,
-    its triangle and diagonal, is left alone: it does not act across pixels). A gain ≤ 10 keeps
-    the layer's share of the rounding error within ~3 of float32's 24 bits at that size.
+    exceeds ``max_gain`` (default GUARD_GAIN), scale its off-centre taps by ``shrink`` (default
+    GUARD_SHRINK) until it does not, at most ``rounds`` times (default GUARD_ROUNDS; the
+    self-tap, its triangle and diagonal, is left alone: it does not act across pixels, and
+    when it alone amplifies more than ``max_gain`` no shrinking helps). A gain ≤ 10 keeps the
+    layer's share of the rounding error within ~3 of float32's 24 bits at that size. The
+    probes run where the weights live (NumPy or CuPy), and the weights are scaled in place
+    there.
 
-    Returns the number of layers rescaled. Cost: one float64 inverse of a single image at
-    ``scale``× per masked convolution (and one more per rescale); the trainer calls it every few
-    steps (train.run --guard)."""
+    Returns the number of layers rescaled. ``gave_up``: a list that gets, for each layer still
+    above ``max_gain`` after ``rounds`` rescales, a line naming it and its gain (train.run
+    warns with it). Cost: one float64 inverse of a single image at ``scale``× per masked
+    convolution (and one more per rescale); the trainer calls it every few steps
+    (train.run --guard)."""
+    max_gain = GUARD_GAIN if max_gain is None else max_gain
+    shrink = GUARD_SHRINK if shrink is None else shrink
+    rounds = GUARD_ROUNDS if rounds is None else rounds
     rescaled = 0
-    for layer, (C, H, W) in masked_convs_with_sizes(flow):
+    for index, (layer, (C, H, W)) in enumerate(masked_convs_with_sizes(flow)):
         shape = (C, scale * H, scale * W)
         weight, k = layer.params["weight"], layer.k
-        changed = False
-        for _ in range(100):
-            if inverse_gain(layer, shape, seed) <= max_gain:
-                break
+        gain, done = inverse_gain(layer, shape, seed), 0
+        while gain > max_gain and done < rounds:
             self_tap = weight[..., k - 1, k - 1].copy()
             weight *= shrink
             weight[..., k - 1, k - 1] = self_tap
-            changed = True
-        rescaled += changed
+            done += 1
+            gain = inverse_gain(layer, shape, seed)
+        rescaled += done > 0
+        if gain > max_gain and gave_up is not None:
+            gave_up.append(f"masked convolution {index} ({type(layer).__name__}, {C} channels): "
+                           f"inverse gain {gain:.3g} > {max_gain:g} at {shape[1]}x{shape[2]} "
+                           f"after {done} rescales")
     return rescaled
 
 
@@ -196,10 +210,15 @@ def inverse_gain(layer, image_shape, seed=0):
     """max |M⁻¹ v| / max |v| for one random v ~ N(0, 1) of shape (1, C, H, W), computed in
     float64: how much the masked convolution's inverse M⁻¹ amplifies a perturbation of its
     input at that size. Reaches values float32 cannot represent (σ = 0.2 at 128×128: ~1e33).
-    A layer with a bias b inverts y to M⁻¹(y − b): M⁻¹ v is inverse(v) − inverse(0)."""
+    A layer with a bias b inverts y to M⁻¹(y − b): M⁻¹ v is inverse(v) − inverse(0). v is made
+    where the layer's weights live (a CuPy array for a layer on the GPU), the gain read back
+    on the host."""
     v = np.random.default_rng(seed).standard_normal((1,) + tuple(image_shape))
+    weights = list(layer.params.values())
+    xp = get_array_module(weights[0]) if weights else np
+    probe = xp.asarray(v)
     with np.errstate(over="ignore", invalid="ignore"):
-        u = to_numpy(layer.inverse(v)) - to_numpy(layer.inverse(np.zeros_like(v)))
+        u = to_numpy(layer.inverse(probe)) - to_numpy(layer.inverse(xp.zeros_like(probe)))
     gain = float(np.abs(u).max() / np.abs(v).max())
     return gain if np.isfinite(gain) else float("inf")
 

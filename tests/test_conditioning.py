@@ -161,12 +161,163 @@ def test_guard_bounds_the_gain_and_leaves_healthy_layers_alone():
     assert is_well_conditioned(drifting, (3, 64, 64))
 
 
-def test_train_guard_option(tmp_path):
-    out = str(tmp_path / "guarded")
-    run.main(TINY + ["--max-steps", "10", "--eval-every", "1000", "--sample-every", "1000",
-                     "--guard", "4", "--out", out])
+class FakeGpuArray(np.ndarray):
+    """A NumPy array the backend takes for a CuPy array (its type lives in a 'cupy' module);
+    ``get`` brings it to the host, as CuPy's does."""
+
+    def get(self):
+        return self.view(np.ndarray).copy()
+
+
+FakeGpuArray.__module__ = "cupy._core.core"
+
+
+def fake_cupy(monkeypatch):
+    """A stand-in CuPy module (NumPy's functions, their arrays returned as FakeGpuArray) and
+    the CPU kernels for its arrays: layers with FakeGpuArray weights run as on a GPU, with
+    nfcore's device checks in force."""
+    import sys
+    import types
+    from nfcore import kernels
+    from nfcore.kernels import cpu
+
+    def attribute(name):
+        value = getattr(np, name)
+        if not callable(value) or isinstance(value, type):
+            return value
+
+        def call(*args, **kwargs):
+            result = value(*args, **kwargs)
+            return result.view(FakeGpuArray) if isinstance(result, np.ndarray) else result
+        return call
+
+    module = types.ModuleType("cupy")
+    module.__getattr__ = attribute
+    module.ndarray = FakeGpuArray
+    monkeypatch.setitem(sys.modules, "cupy", module)
+    monkeypatch.setattr(kernels, "for_array", lambda x: cpu)
+    return module
+
+
+def test_guard_probes_where_the_weights_live(monkeypatch):
+    """With the masked convolutions' weights on the (faked) GPU, the guard's probe is made
+    there too: a NumPy probe was refused by the layer's device check (TypeError, what
+    train.run --backend gpu --guard 4 ended in), and the rescaled weights stay on the device."""
+    fake_cupy(monkeypatch)
+    drifting, _ = noisy_flow(0.2)
+    convs = conditioning.masked_convs_with_sizes(drifting)
+    for layer, _ in convs:
+        for name in layer.params:
+            layer.params[name] = layer.params[name].view(FakeGpuArray)
+    assert conditioning.guard_conditioning(drifting, scale=4) == 2
+    for layer, (C, H, W) in convs:
+        assert type(layer.params["weight"]) is FakeGpuArray
+        assert inverse_gain(layer, (C, 4 * H, 4 * W)) <= conditioning.GUARD_GAIN
+
+
+def test_guard_names_the_layers_it_gives_up_on():
+    """A self-tap with a large triangle amplifies by itself (its inverse solves each pixel's
+    channels in turn): no shrinking of the off-centre taps brings the gain within bounds; the
+    guard stops after its rounds and says which layer it gave up on."""
+    flow, _ = noisy_flow(0.05)
+    layer, (C, H, W) = conditioning.masked_convs_with_sizes(flow)[1]
+    weight = layer.params["weight"]                      # (groups, C/4, C/4, k, k)
+    weight[..., 2, 2] = np.tril(np.full(weight.shape[1:3], 3.0), -1)
+    gave_up = []
+    assert conditioning.guard_conditioning(flow, scale=4, rounds=3, gave_up=gave_up) == 1
+    assert gave_up == [f"masked convolution 1 (FInCUnit, {C} channels): inverse gain "
+                       f"{inverse_gain(layer, (C, 4 * H, 4 * W)):.3g} > 10 at {4 * H}x{4 * W} "
+                       f"after 3 rescales"]
+
+
+GUARDED = TINY + ["--eval-every", "1000", "--sample-every", "1000"]
+
+
+def drifted_run(out, *options):
+    """A 10-step run with --ema 0.99 (and ``options``) whose masked convolutions' off-centre
+    taps, trained and averaged alike, were then redrawn N(0, 0.5²) in its checkpoint: inverse
+    gains at 4× the size from ~1e2 to ~2e5 (what bench/guard.py calls a drifted start)."""
+    import h5py
+    from train.session import load_flow
+    run.main(GUARDED + ["--max-steps", "10", "--ema", "0.99", "--out", out, *options])
+    path = os.path.join(out, "checkpoint.h5")
+    flow, _, _ = load_flow(path)
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "r+") as file:
+        for layer, _ in conditioning.masked_convs_with_sizes(flow):
+            for prefix in ("model", "optim/ema"):
+                weight = file[f"{prefix}/{flow.layers.index(layer)}/weight"]
+                drifted = weight[()]
+                self_tap = drifted[..., 2, 2].copy()
+                drifted[...] = rng.standard_normal(drifted.shape) * 0.5
+                drifted[..., 2, 2] = self_tap
+                weight[...] = drifted
+    assert min(gains(out, "raw") + gains(out, "ema")) > 100
+    return out
+
+
+def gains(out, weights):
+    """inverse_gain at 4× of every masked convolution of ``out``'s checkpoint, with ``weights``."""
+    from train.session import load_flow
+    flow, _, _ = load_flow(os.path.join(out, "checkpoint.h5"), weights=weights)
+    return [inverse_gain(layer, (C, 4 * H, 4 * W))
+            for layer, (C, H, W) in conditioning.masked_convs_with_sizes(flow)]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as file:
+        return [json.loads(line) for line in file]
+
+
+def test_train_guard_bounds_the_trained_and_the_averaged_weights(tmp_path):
+    """--guard 4 from a drifted start: at step 20 the training loop's guard rescales both
+    masked convolutions in the trained weights and in the EMA that evaluation and sampling
+    use; the checkpoint written right after has every gain within GUARD_GAIN in both."""
+    out = drifted_run(str(tmp_path / "guarded"))
+    run.main(GUARDED + ["--max-steps", "20", "--guard", "4", "--resume", "--out", out])
+    assert [r for r in metrics(out) if "guard_rescaled" in r or "guard_rescaled_ema" in r] == \
+        [{"step": 20, "guard_rescaled": 2, "guard_rescaled_ema": 2}]
+    assert max(gains(out, "raw")) <= conditioning.GUARD_GAIN
+    assert max(gains(out, "ema")) <= conditioning.GUARD_GAIN
     with open(os.path.join(out, "config.json")) as file:
         assert json.load(file)["guard"] == 4
+
+
+def test_train_guard_warns_once_when_it_gives_up(tmp_path, capsys, monkeypatch):
+    """Two rounds of 0.9 cannot undo the drift: one warning line at step 20, and every call
+    that gives up logged in metrics.jsonl; training goes on."""
+    monkeypatch.setattr(conditioning, "GUARD_ROUNDS", 2)
+    out = drifted_run(str(tmp_path / "gives_up"))
+    capsys.readouterr()
+    run.main(GUARDED + ["--max-steps", "30", "--guard", "4", "--resume", "--out", out])
+    printed = capsys.readouterr()
+    warnings_said = [line for line in (printed.out + printed.err).splitlines()
+                     if "--guard gave up" in line]
+    assert len(warnings_said) == 1 and warnings_said[0].startswith(
+        "warning: step 20: --guard gave up on 4 layer(s) (masked convolution 0 (FInCUnit, 4 "
+        "channels): inverse gain "), warnings_said
+    gave_up = [r for r in metrics(out) if "guard_gave_up" in r]
+    assert [r["step"] for r in gave_up] == [20, 30]
+    assert gave_up[0]["guard_gave_up"].count("after 2 rescales") == 4
+    assert gave_up[0]["guard_gave_up"].count("EMA weights, masked convolution") == 2
+
+
+def test_train_guard_turned_off_on_resume(tmp_path, capsys):
+    """--guard 0 on --resume turns a guarded run's guard off, said and recorded like the other
+    training options; the drifted weights are then left as they are."""
+    out = drifted_run(str(tmp_path / "off"), "--guard", "4")
+    drifted = gains(out, "raw")
+    capsys.readouterr()
+    run.main(GUARDED + ["--max-steps", "20", "--guard", "0", "--resume", "--out", out])
+    assert "resumed with changed training options: --max-steps 10 -> 20, --guard 4 -> off" \
+        in capsys.readouterr().out
+    with open(os.path.join(out, "config.json")) as file:
+        assert json.load(file)["guard"] is None
+    records = metrics(out)
+    assert [r["resumed_with"]["guard"] for r in records if "resumed_with" in r] == [None]
+    assert not any("guard_rescaled" in r for r in records)
+    np.testing.assert_allclose(gains(out, "raw"), drifted, rtol=0.5)     # not brought to <= 10
+    assert min(gains(out, "raw")) > 100
 
 
 def test_scale_bound_keeps_a_collapsed_coupling_invertible():

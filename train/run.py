@@ -22,7 +22,7 @@ A second signal while that checkpoint is saved waits for the save.
 (--dataset --n-bits --batch-size --image-size), naming the option. The training options (--lr --warmup
 --max-grad-norm --ema --recompute/--no-recompute --epochs --max-steps --eval-every
 --sample-every --guard) may change: the new values apply from the resumed step on, are printed, logged
-in metrics.jsonl and recorded in config.json.
+in metrics.jsonl and recorded in config.json; --guard 0 turns the guard off.
 """
 import argparse
 import json
@@ -145,11 +145,15 @@ def parse_args(argv=None):
     opt.add_argument("--eval-every", type=positive_int,
                      help="test bits/dim and a checkpoint every N steps (>= 1)")
     opt.add_argument("--sample-every", type=positive_int, help="sample grids every N steps (>= 1)")
-    opt.add_argument("--guard", type=positive_int, metavar="SCALE",
+    opt.add_argument("--guard", type=at_least(0), metavar="SCALE",
                      help="conditioning guard: every 10 steps, scale down the off-centre taps of "
                           "any masked convolution whose inverse amplifies errors more than 10x "
                           "at SCALE times the training image size (nfcore.conditioning."
-                          "guard_conditioning; e.g. --guard 4). Default off")
+                          "guard_conditioning; e.g. --guard 4), in the trained weights and, "
+                          "under --ema, in the averaged ones that evaluation and sampling use; "
+                          "a layer it cannot bring within 10x is a warning, logged in "
+                          "metrics.jsonl as guard_gave_up. Default off; --guard 0: off (e.g. on "
+                          "--resume of a guarded run)")
     opt.add_argument("--recon-threshold", type=positive_float, default=RECON_THRESHOLD,
                      help="every evaluation logs recon_error = max |decode(encode(x)) - x| on a "
                           "fixed test batch (train/monitor.py); warn when it passes this, > 0 "
@@ -172,6 +176,8 @@ def parse_args(argv=None):
              "--out; the same result for any N (train/distributed.py)")
     args = parser.parse_args(argv)
     args.given = {key for key, value in vars(args).items() if value is not None}
+    if args.guard == 0:           # off, stored as absent (given: it turns a resumed guard off)
+        args.guard = None
     for key, value in FIXED_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -362,8 +368,10 @@ class Run:
                                   self.metrics.path: self.metrics.save}, binary=False)
         if changes and self.writes:
             print("resumed with changed training options: " + ", ".join(
-                f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items()))
+                f"--{k.replace('_', '-')} {'off' if old is None else old} -> "
+                f"{'off' if new is None else new}" for k, (old, new) in changes.items()))
         self.started = time.time()
+        self.guard_warned = False
 
     def describe(self):
         c = self.config
@@ -400,6 +408,31 @@ class Run:
                 return loss, self.optimizer.step()
         except (NonFiniteError, FloatingPointError) as error:
             raise NonFiniteError(f"the model diverged, NaN/Inf in the flow: {error}") from None
+
+    def guard(self, say):
+        """--guard: ``guard_conditioning`` on the trained weights and, under --ema, on the
+        averaged ones (what evaluation, samples and final.json use); logs what it rescaled, and
+        a layer it gave up on (a warning, said once per run, logged every time)."""
+        scale, record, gave_up = self.config["guard"], {}, []
+        rescaled = guard_conditioning(self.flow, scale=scale, gave_up=gave_up)
+        if rescaled:
+            record["guard_rescaled"] = rescaled
+        if self.optimizer.ema is not None:
+            ema_gave_up = []
+            with self.optimizer.ema_parameters():      # rescaled in place: kept in the EMA
+                rescaled = guard_conditioning(self.flow, scale=scale, gave_up=ema_gave_up)
+            if rescaled:
+                record["guard_rescaled_ema"] = rescaled
+            gave_up += [f"EMA weights, {line}" for line in ema_gave_up]
+        if gave_up:
+            record["guard_gave_up"] = "; ".join(gave_up)
+            if not self.guard_warned:
+                self.guard_warned = True
+                say(f"warning: step {self.step}: --guard gave up on {len(gave_up)} layer(s) "
+                    f"({gave_up[0]}{'; ...' if len(gave_up) > 1 else ''}); training goes on, "
+                    f"later ones are logged in metrics.jsonl as guard_gave_up")
+        if record:
+            self.metrics.log({"step": self.step, **record})
 
     def checkpoint(self):
         if not self.writes:
@@ -493,9 +526,7 @@ def train_loop(run, time_budget=None):
                 continue
             run.step += 1
             if config.get("guard") and run.step % GUARD_EVERY == 0:
-                rescaled = guard_conditioning(run.flow, scale=config["guard"])
-                if rescaled:
-                    run.metrics.log({"step": run.step, "guard_rescaled": rescaled})
+                run.guard(say)
             window.append((loss, run.batches.batch_size / (time.time() - tick)))
             progress.update(1)
             progress.set_postfix(bpd=f"{loss:.3f}", img_s=f"{window[-1][1]:.0f}")
