@@ -57,8 +57,9 @@ to carry on can catch ``InverseAccuracyError``):
   solve is backward stable: its residual is tiny even when its error is not), so only a second
   inverse can see the error; riding along in the batch, it costs one image of n + 1 instead of
   a forward and an inverse of one image (B = 1 leaves the batch-last kernels' SIMD lanes
-  empty). Sampling 64 images, the check measured 1-4% of the call (``bench/stability.py
-  --check-cost``); for a handful of samples one more image is a larger share.
+  empty). Its share of a sampling call of 3×64×64 images, measured by ``bench/stability.py
+  --check-cost`` (paired rounds, median ratio): 4.0-6.9% at n = 64, 0-4% at 100, 8.6-9.7% at
+  8 and 10.6-11.4% at 16; for a handful of samples one more image is a larger share.
 - ``InputFingerprints``, the memory-saving check: the forward pass keeps, for each layer's input
   h, two numbers per sample, ⟨h, r⟩ with a fixed random r ~ N(0, 1) of one image's shape and
   ‖h‖. When backward rebuilds that input with ``inverse`` as h + e, ⟨r, e⟩ is a N(0, ‖e‖²) draw
@@ -72,7 +73,7 @@ import numpy as np
 from .backend import get_array_module, to_numpy
 
 AMPLIFICATION_LIMIT = 1000.0   # above this the inverse has lost ~10 of float32's 24 bits
-SAMPLE_TOLERANCE = 1e-3        # sample check: max |x' − decode(encode(x'))|, data in [−0.5, 0.5]
+SAMPLE_TOLERANCE = 1e-3        # sample check: the probe's estimated error of the samples, data in [−0.5, 0.5]
 RECOMPUTE_TOLERANCE = 1e-3     # memory-saving check: relative error of a rebuilt layer input
 PERTURBATION = 1e-3            # the sample check's δ: large against rounding, small against curvature
 GUARD_GAIN = 10.0              # the training guard's bound on each masked conv's inverse_gain

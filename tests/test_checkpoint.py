@@ -1,4 +1,4 @@
-"""Checkpoints: round trip, RNG stream, corrupt and foreign files, atomic writes, a file system
+"""Checkpoints: round trip, what a training checkpoint holds, corrupt and foreign files, atomic writes, a file system
 that says no."""
 import errno
 import os
@@ -43,15 +43,50 @@ def test_round_trip_arrays_and_meta(tmp_path):
     assert os.listdir(path.parent) == ["checkpoint.h5"]
 
 
-def test_rng_state_restores_the_same_stream(tmp_path):
-    rng = np.random.default_rng(42)
-    rng.random(10)
-    save_checkpoint(tmp_path / "c.h5", {}, {"rng": rng.bit_generator.state})
-    expected = rng.standard_normal(100)
-    _, meta = load_checkpoint(tmp_path / "c.h5")
-    restored = np.random.default_rng()
-    restored.bit_generator.state = meta["rng"]
-    np.testing.assert_array_equal(restored.standard_normal(100), expected)
+def test_a_training_checkpoint_holds_what_resume_needs(tmp_path):
+    """What train.run saves (train/session.py): every parameter, every layer state (ActNorm's
+    initialization), Adam's moments, its step count and the EMA, each restored exactly; the
+    data order needs no generator state (data.Batches draws the batch of step s from (seed, s)),
+    so none is saved."""
+    from nfcore.flow import Flow
+    from nfcore.optim import Adam
+    from train.session import load_flow, optimizer_state, save_training_checkpoint
+
+    def trained():
+        flow = Flow((1, 8, 8), levels=2, steps=1, hidden=8, seed=0)
+        x = np.random.default_rng(0).uniform(-0.5, 0.5, (4, 1, 8, 8)).astype(np.float32)
+        flow.forward(x)
+        optimizer = Adam(flow.layers, lr=1e-2, ema_decay=0.9)
+        for _ in range(3):
+            optimizer.zero_grad()
+            flow.loss_and_backward(x, 4)
+            optimizer.step()
+        return flow, optimizer
+
+    flow, optimizer = trained()
+    config = dict(image_shape=[1, 8, 8], levels=2, steps=1, hidden=8, invconv="finc",
+                  coupling="affine", k=3, seed=0, scale_bound=None, n_bits=4, batch_size=4,
+                  dataset="digits", ema=0.9)
+    path = tmp_path / "checkpoint.h5"
+    save_training_checkpoint(path, flow, optimizer, {"config": config, "step": 3})
+    loaded, meta, arrays = load_flow(path, weights="raw")
+    assert meta["step"] == 3 and meta["optimizer_step"] == 3 and "rng" not in meta
+    restored = Adam(loaded.layers, lr=1e-2, ema_decay=0.9)
+    restored.load_state_dict(optimizer_state(arrays, meta))
+    for before, after in zip(flow.layers, loaded.layers):
+        assert after.state().keys() == before.state().keys()
+        for name, value in before.state().items():
+            np.testing.assert_array_equal(after.state()[name], value)
+        for name, param in before.params.items():
+            np.testing.assert_array_equal(after.params[name], param)
+    assert restored.state_dict().keys() == optimizer.state_dict().keys()
+    for name, value in optimizer.state_dict().items():
+        np.testing.assert_array_equal(restored.state_dict()[name], value)
+    averaged, meta, _ = load_flow(path, weights="ema")
+    assert meta["weights"] == "ema"
+    for index, layer in enumerate(averaged.layers):
+        for name, param in layer.params.items():
+            np.testing.assert_array_equal(param, optimizer.ema[f"{index}/{name}"])
 
 
 def test_overwrite_replaces_the_previous_checkpoint(tmp_path):

@@ -80,12 +80,15 @@ def test_sampling_checks_its_inverse():
     np.testing.assert_allclose(checked, unchecked, atol=1e-6)   # the probes change no sample
 
     # the estimate against the round trip decode(encode(x')) of a sample, where both are large
-    # enough to be read above rounding
+    # enough to be read above rounding. The estimate errs high: over σ = 0.25, 0.3, 0.35 and
+    # sampling seeds 0-11 (36 cases) it was 1.3 to 10.0 times the round trip's error (here 4.6).
+    # Below 1 the check would under-report and let wrong samples through; above 12 it would
+    # refuse samples 12 times better than its tolerance says.
     mid, _ = noisy_flow(0.3)
     x = mid.sample(6, 1.0, np.random.default_rng(3), tolerance=None)
     round_trip = conditioning.round_trip_error(mid, x[:1])
     mid.sample(6, 1.0, np.random.default_rng(3), tolerance=1.0)
-    assert round_trip > 1e-5 and 0.03 < mid.last_sample_error / round_trip < 30, \
+    assert round_trip > 1e-5 and 1.0 <= mid.last_sample_error / round_trip <= 12, \
         (mid.last_sample_error, round_trip)
 
     bad, _ = noisy_flow(0.5)

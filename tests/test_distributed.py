@@ -213,6 +213,27 @@ def test_a_killed_rank_ends_the_job(tmp_path):
     assert job.returncode != 0
 
 
+# where the launchers put a process's rank: MPICH (Hydra), Open MPI, PMIx-based launchers
+RANK_VARIABLES = (b"PMI_RANK", b"OMPI_COMM_WORLD_RANK", b"PMIX_RANK")
+
+
+def rank_from_environment(entries):
+    """The MPI rank in a process's environment (``/proc/<pid>/environ`` split at NUL bytes),
+    from the first of RANK_VARIABLES it holds; None when none."""
+    values = dict(entry.split(b"=", 1) for entry in entries if b"=" in entry)
+    for name in RANK_VARIABLES:
+        if values.get(name, b"").isdigit():
+            return int(values[name])
+    return None
+
+
+def test_the_rank_is_found_under_every_launchers_variable():
+    assert rank_from_environment([b"PATH=/bin", b"PMI_RANK=1", b""]) == 1           # MPICH
+    assert rank_from_environment([b"OMPI_COMM_WORLD_RANK=1", b"PMIX_RANK=1"]) == 1  # Open MPI
+    assert rank_from_environment([b"PMIX_RANK=0"]) == 0
+    assert rank_from_environment([b"PATH=/bin", b"RANK=1"]) is None
+
+
 def _rank_pid(rank, marker):
     """The pid of the process of MPI rank ``rank`` whose command line holds ``marker``."""
     for pid in os.listdir("/proc"):
@@ -225,7 +246,7 @@ def _rank_pid(rank, marker):
                 environment = file.read().split(b"\0")
         except OSError:
             continue
-        if marker in command and "train.run" in command and f"PMI_RANK={rank}".encode() in environment:
+        if marker in command and "train.run" in command and rank_from_environment(environment) == rank:
             return int(pid)
     return None
 

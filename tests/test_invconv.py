@@ -230,8 +230,9 @@ def test_backward_accumulates():
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4, 3), (1, 37, 4, 5, 6), (1, 5, 3, 4, 7)], ids=str)
 def test_cpu_kernels_match_numpy_references(dtype, tol, k, shape):
     """Output channels in every grouping the kernels use: C = 3 (one block of three), C = 6 (a
-    block of four, then two one at a time), C = 7 (four, then three); and B = 37 (three chunks
-    of images, the last one short)."""
+    block of four, then two one at a time), C = 7 (four, then three); and B = 37, unpadded here
+    (rows of 8 SIMD lanes and 5 left over; the weight gradient's LANE_CHUNK = 32: two chunks of
+    images, the last of 5)."""
     cpu = CanonicalLayout(cpu_module)           # batch-last inside, compared in (G, B, H, W, C)
     rng = np.random.default_rng(9)
     G, B, Hk, Wk, C = shape

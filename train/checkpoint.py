@@ -20,9 +20,9 @@ read-only, no permission) ``save_checkpoint`` removes its temporary file and rai
 checkpoint is untouched. A temporary file left by a killed process is removed by
 ``remove_stale_temporaries``, which train.run calls on start-up.
 
-A NumPy RNG is saved through ``rng.bit_generator.state`` (a dict of ints, JSON-safe) and
-restored with ``rng.bit_generator.state = meta[...]``: the restored generator continues the
-exact same random stream.
+No random generator state is saved: train.run draws the batch of step s, its order and its
+dequantization noise, from (seed, s) (data.Batches), so the config's seed and the step are all
+a resumed run needs (what a training checkpoint holds: train/session.py).
 """
 import errno
 import glob
