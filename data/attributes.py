@@ -37,8 +37,13 @@ def read_attributes(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"attribute file not found: {path}")
-    with open(path) as file:
-        lines = file.read().splitlines()
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {error.start} is "
+                         f"{error.object[error.start:error.start + 1]!r}); expected CelebA's "
+                         f"attribute format, list_attr_celeba.txt") from None
 
     def malformed(number, what):
         return ValueError(f"{path} line {number}: {what} (expected CelebA's attribute format: "
@@ -53,6 +58,9 @@ def read_attributes(path):
     names = lines[1].split()
     if not names:
         raise malformed(2, "no attribute names")
+    if len(names) > 1 and all(value in ("1", "-1") for value in names[1:]):
+        raise malformed(2, f"expected the attribute names, got a file and its values "
+                           f"({lines[1][:40]!r}...): the names line is missing")
     if len(set(names)) != len(names):
         raise malformed(2, "an attribute name appears twice")
     files, rows = [], []

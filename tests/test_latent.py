@@ -3,6 +3,7 @@ interpolate / manipulate commands on a briefly trained digits model and on a tin
 image folder labelled in CelebA's attribute format, bad input included."""
 import errno
 import os
+import re
 
 import numpy as np
 import pytest
@@ -127,6 +128,23 @@ def test_attribute_file_in_celeba_format(tmp_path):
     np.testing.assert_array_equal(attributes.column("Smiling"), rows[:, SMILING] == 1)
 
 
+def test_attribute_file_errors_say_what_is_wrong(tmp_path):
+    """A file without its names line is said to lack it (its first row's values were read as
+    names: "an attribute name appears twice"); a file that is not UTF-8 is named."""
+    rows = np.where(np.random.default_rng(0).random((3, 40)) < 0.5, 1, -1)
+    path = tmp_path / "list_attr_celeba.txt"
+    write_attribute_file(path, ["000001.jpg", "000002.jpg", "000003.jpg"], rows)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:1] + lines[2:]) + "\n")
+    with pytest.raises(ValueError, match="line 2: expected the attribute names, got a file and "
+                                         "its values .*the names line is missing"):
+        read_attributes(path)
+    path.write_bytes(b"3\n" + "Smiling Bärte\n".encode("latin-1") + b"a.jpg 1 -1\n")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: not a UTF-8 text file "
+                                         f"\\(byte 11 is b'\\\\xe4'\\)"):
+        read_attributes(path)
+
+
 # ---- the commands on a trained digits model ----------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -188,6 +206,46 @@ def test_interpolate_refuses_a_wrong_size_and_an_index_past_the_end(digits_model
         interpolate.main(["--ckpt", ckpt, "--indices", "0", "297",
                           "--out", str(tmp_path / "x.png")])
     assert stop.value.code == 1 and "297" in one_error_line(capsys)
+
+
+def test_outputs_beyond_the_data_or_a_sane_size_are_refused(digits_model, tmp_path, capsys):
+    """reconstruct --n past the set's size says how many there are (it was cut to 297
+    silently); interpolate --steps is at most 1000 images, and at most a 64-megapixel strip
+    for a large model (100000 steps of digits wrote a 576-megapixel PNG)."""
+    ckpt, _ = digits_model
+    out = tmp_path / "x.png"
+    with pytest.raises(SystemExit) as stop:
+        reconstruct.main(["--ckpt", ckpt, "--n", "10000", "--out", str(out)])
+    assert stop.value.code == 1
+    assert one_error_line(capsys) == ("error: --n 10000: the test set of digits has 297 images; "
+                                      "give --n 297 or fewer")
+    with pytest.raises(SystemExit) as stop:
+        interpolate.main(["--ckpt", ckpt, "--indices", "0", "1", "--steps", "100000",
+                          "--out", str(out)])
+    assert stop.value.code == 1
+    assert one_error_line(capsys).startswith("error: argument --steps: must lie in [2, 1000], "
+                                             "got 100000")
+    assert not out.exists()
+    interpolate.check_strip_size(1000, {"image_shape": [1, 8, 8]})       # 64,001 x 80 pixels
+    interpolate.check_strip_size(3, {"image_shape": [3, 4096, 4096]})
+    with pytest.raises(ValueError, match="^--steps 4: the strip would be 16,389x4,098 pixels, "
+                                         "more than 64,000,000 .*at most --steps 3 for this "
+                                         "model's 4096x4096 images"):
+        interpolate.check_strip_size(4, {"image_shape": [3, 4096, 4096]})
+
+
+def test_checkpoint_tools_name_the_default_data_folder(capsys):
+    """--data-dir's help said "as in training", but a checkpoint does not record the folder:
+    the default is the cache folder, and the help says so."""
+    from train import evaluate
+    for tool in (evaluate, reconstruct, interpolate):
+        with pytest.raises(SystemExit):
+            tool.parse_args(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        help_text = text.split("--data-dir DATA_DIR ")[1].split(" --")[0]
+        assert "as in training" not in help_text
+        assert "default ~/.cache/nfcore/<name>" in help_text
+        assert "does not record the folder" in help_text
 
 
 # ---- manipulate on a synthetic CelebA-format folder ----------------------------------------

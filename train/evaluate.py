@@ -13,14 +13,14 @@ from tqdm import tqdm
 from data import load_dataset
 
 from .cli import ArgumentParser, positive_int, run_command
-from .session import add_checkpoint_options, evaluate_bits_per_dim, open_checkpoint
+from .session import DATA_DIR_HELP, add_checkpoint_options, evaluate_bits_per_dim, open_checkpoint
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0],
                             epilog=__doc__.split("\n\n", 2)[2])
     parser.add_argument("--ckpt", required=True, help="checkpoint.h5 written by train.run")
-    parser.add_argument("--data-dir", help="folder of the data set (default: as in training)")
+    parser.add_argument("--data-dir", help=DATA_DIR_HELP)
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images per forward pass, >= 1 (default: as in training); the "
                              "result does not depend on it beyond rounding")

@@ -18,10 +18,14 @@ import numpy as np
 from nfcore import latent
 from nfcore.backend import to_numpy
 
-from .cli import ArgumentParser, at_least, run_command
+from data.folder import MAX_PIXELS
+
+from .cli import ArgumentParser, at_least, in_range, run_command
 from .images import image_file_option
 from .model_images import dataset_images, dequantize, read_model_images, save_pictures
-from .session import add_checkpoint_options, open_checkpoint
+from .session import DATA_DIR_HELP, add_checkpoint_options, open_checkpoint
+
+MAX_STEPS = 1000      # images on the path: a strip of 1000 digits is 64,001 pixels wide
 
 
 def parse_args(argv=None):
@@ -34,9 +38,11 @@ def parse_args(argv=None):
                       help="two images of the checkpoint's data set, by index (see --split)")
     parser.add_argument("--split", default="test", choices=("test", "train"),
                         help="the part of the data set --indices point into (default test)")
-    parser.add_argument("--data-dir", help="folder of the data set (default: as in training)")
-    parser.add_argument("--steps", type=at_least(2), default=8,
-                        help="images on the path, both ends included, >= 2 (default 8)")
+    parser.add_argument("--data-dir", help=DATA_DIR_HELP)
+    parser.add_argument("--steps", type=in_range(2, MAX_STEPS, int), default=8,
+                        help=f"images on the path, both ends included, 2 to {MAX_STEPS} (and a "
+                             f"strip of at most {MAX_PIXELS // 10 ** 6} megapixels, "
+                             f"data.folder.MAX_PIXELS; default 8)")
     parser.add_argument("--method", default="linear", choices=latent.METHODS,
                         help="linear (default) or spherical interpolation of the latents")
     parser.add_argument("--out", default="interpolate.png", type=image_file_option("interpolate.png"),
@@ -46,9 +52,23 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def check_strip_size(steps, config):
+    """ValueError unless the strip of ``steps`` images that ``save_pictures`` draws (one row,
+    a pixel between images, small images drawn larger) holds at most MAX_PIXELS pixels."""
+    _, H, W = config["image_shape"]
+    scale = max(1, 64 // W)
+    width, height = (steps * (W + 1) + 1) * scale, (H + 2) * scale
+    if width * height > MAX_PIXELS:
+        most = (MAX_PIXELS // (height * scale) - 1) // (W + 1)
+        raise ValueError(f"--steps {steps}: the strip would be {width:,}x{height:,} pixels, more "
+                         f"than {MAX_PIXELS:,} (data.folder.MAX_PIXELS); at most --steps {most} "
+                         f"for this model's {H}x{W} images")
+
+
 def interpolate(args):
     flow, meta = open_checkpoint(args)
     config = meta["config"]
+    check_strip_size(args.steps, config)
     if args.images:
         images = read_model_images(args.images, config)
     else:

@@ -17,7 +17,7 @@ from nfcore.backend import to_numpy
 from .cli import ArgumentParser, positive_int, run_command
 from .images import image_file_option
 from .model_images import dataset_images, dequantize, save_pictures
-from .session import add_checkpoint_options, open_checkpoint
+from .session import DATA_DIR_HELP, add_checkpoint_options, open_checkpoint
 
 MAX_COLUMNS = 16
 
@@ -40,10 +40,11 @@ def parse_args(argv=None):
                             epilog=__doc__.split("\n\n", 2)[2])
     parser.add_argument("--ckpt", required=True, help="checkpoint.h5 written by train.run")
     parser.add_argument("--n", type=positive_int, default=64,
-                        help="how many images, the first of the set, >= 1 (default 64)")
+                        help="how many images, the first of the set, >= 1, at most the set's "
+                             "size (default 64)")
     parser.add_argument("--split", default="test", choices=("test", "train"),
                         help="which part of the data set (default test)")
-    parser.add_argument("--data-dir", help="folder of the data set (default: as in training)")
+    parser.add_argument("--data-dir", help=DATA_DIR_HELP)
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images encoded at once, >= 1 (default: the training batch size)")
     parser.add_argument("--out", default="reconstruct.png", type=image_file_option("reconstruct.png"),
@@ -57,7 +58,11 @@ def parse_args(argv=None):
 def reconstruct(args):
     flow, meta = open_checkpoint(args)
     config = meta["config"]
-    images = dataset_images(config, args.data_dir, args.split)[:args.n]
+    images = dataset_images(config, args.data_dir, args.split)
+    if args.n > len(images):
+        raise ValueError(f"--n {args.n}: the {args.split} set of {config['dataset']} has "
+                         f"{len(images)} images; give --n {len(images)} or fewer")
+    images = images[:args.n]
     x = dequantize(images, config)
     batch_size = args.batch_size or config["batch_size"]
     rebuilt, bits_per_dim = [], []

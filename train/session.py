@@ -117,6 +117,10 @@ def save_training_checkpoint(path, flow, optimizer, meta):
     save_checkpoint(path, arrays, meta)
 
 
+DATA_DIR_HELP = ("folder of the checkpoint's data set (default ~/.cache/nfcore/<name>, the "
+                 "default of train.run too; fashion-mnist: Debian's package folder first; "
+                 "digits needs none). A checkpoint does not record the folder it was trained "
+                 "from: a run trained with --data-dir needs it given again here")
 WEIGHTS_HELP = ("which weights to use: ema (default), the exponential moving average "
                 "train.run evaluates and samples with when the run kept one (--ema), else the "
                 "trained weights; raw: the trained weights themselves")
