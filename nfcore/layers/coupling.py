@@ -46,6 +46,8 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..nn.composite import Composite, spawn_seed
+from ..nn.fused import (affine_backward_numba, affine_forward_numba, affine_inverse_numba,
+                        scale_constants, use_fused)
 from ..nn.network import Network
 from .base import check_images, check_same_device
 
@@ -147,6 +149,8 @@ class BlockCoupling(Composite):
     def forward(self, x):
         """y, logdet (B,)."""
         self._prepare(x, "x")
+        if use_fused(x):
+            return self._forward_fused(x)
         xp = get_array_module(x)
         y = x.copy()
         logdet = xp.zeros(x.shape[0], dtype=x.dtype)
@@ -165,6 +169,8 @@ class BlockCoupling(Composite):
         """
         self._prepare(y, "y")
         self._cache = None
+        if use_fused(y):
+            return self._inverse_fused(y)
         x = y.copy()
         for net, lo, hi in self._blocks():
             x[:, lo:hi] = affine_inverse(y[:, lo:hi], net.forward(x[:, :lo]), self.scale_bound)
@@ -180,12 +186,68 @@ class BlockCoupling(Composite):
             raise ValueError(f"dy has shape {tuple(dy.shape)}, forward's output had batch "
                              f"{shifted.shape[0]} and size {tuple(shifted.shape[2:])}")
         dy = dy.astype(shifted.dtype, copy=False)
+        if use_fused(dy):
+            return self._backward_fused(dy, dlogdet)
         dx = dy.copy()                       # block 1: y_1 = z_1
         for (net, lo, hi), cache in zip(self._blocks(), self._cache):
             # block lo:hi is set here, before any later network adds into it (those read x[:, :lo']
             # with lo' >= hi and come later in this loop); this network adds into earlier blocks.
             dx[:, lo:hi], dh = affine_backward(dy[:, lo:hi], dlogdet, cache)
             dx[:, :lo] += net.backward(dh)
+        return dx
+
+
+    # The fused forms (NumPy arrays, nfcore.nn.fused.FUSED): one Numba pass per block for the
+    # log-scale, scale, output and log-det (and for backward's and the inverse's formulas),
+    # reading the network's output h channel-last as Network.forward_last makes it and writing
+    # dh channel-last for Network.backward_last: no layout conversion of h or dh. The caches
+    # are the reference's (shifted, s, slope), so either backward can follow either forward.
+
+    def _forward_fused(self, x):
+        x = np.ascontiguousarray(x)
+        B, C, H, W = x.shape
+        y = x.copy()
+        x3, y3 = x.reshape(B, C, H * W), y.reshape(B, C, H * W)
+        c = scale_constants(x.dtype, self.scale_bound)
+        logdet = np.zeros(B)
+        self._cache = []
+        for net, lo, hi in self._blocks():
+            h = net.forward_last(x[:, :lo])                     # (B, H, W, 2·Cb)
+            shifted = np.empty((B, hi - lo, H, W), dtype=x.dtype)
+            s = np.empty_like(shifted)
+            slope = None if self.scale_bound is None else np.empty_like(shifted)
+            flat = (B, hi - lo, H * W)
+            logdet += affine_forward_numba(x3, lo, h.reshape(B, H * W, -1), c, y3,
+                                           shifted.reshape(flat), s.reshape(flat),
+                                           (s if slope is None else slope).reshape(flat))
+            self._cache.append((shifted, s, slope))
+        return y, logdet.astype(x.dtype)
+
+    def _inverse_fused(self, y):
+        y = np.ascontiguousarray(y)
+        B, C, H, W = y.shape
+        x = y.copy()
+        x3, y3 = x.reshape(B, C, H * W), y.reshape(B, C, H * W)
+        c = scale_constants(y.dtype, self.scale_bound)
+        for net, lo, hi in self._blocks():
+            h = net.forward_last(x[:, :lo])
+            affine_inverse_numba(y3, lo, h.reshape(B, H * W, -1), c, x3)
+        return x
+
+    def _backward_fused(self, dy, dlogdet):
+        dy = np.ascontiguousarray(dy)
+        B, C, H, W = dy.shape
+        dx = dy.copy()                       # block 1: y_1 = z_1
+        dy3, dx3 = dy.reshape(B, C, H * W), dx.reshape(B, C, H * W)
+        c = scale_constants(dy.dtype, self.scale_bound)
+        dlogdet = np.ascontiguousarray(dlogdet, dtype=dy.dtype)
+        for (net, lo, hi), (shifted, s, slope) in zip(self._blocks(), self._cache):
+            flat = (B, hi - lo, H * W)
+            s3 = np.ascontiguousarray(s).reshape(flat)
+            dh = affine_backward_numba(dy3, lo, dlogdet, np.ascontiguousarray(shifted).reshape(flat),
+                                       s3, s3 if slope is None else np.ascontiguousarray(slope).reshape(flat),
+                                       slope is not None, c, dx3)
+            dx[:, :lo] += net.backward_last(dh.reshape(B, H, W, -1))
         return dx
 
 

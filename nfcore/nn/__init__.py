@@ -7,7 +7,9 @@ Conv2d is one matrix product on a contiguous patch matrix (y (B·H·W, O) = cols
 Wmat (k·k·C, O), or the output side expanded when C > O); im2col / col2im build and undo the
 patch matrix (Numba kernels, with NumPy references). Conv2dZero is Glow's zero-initialized last
 conv, ReLU the rectifier (any layout). Composite gives a layer made of named parts flattened
-params / grads ("conv1.weight").
+params / grads ("conv1.weight"). fused holds the one-pass Numba forms of the elementwise work
+(bias + ReLU, Conv2dZero's bias and scale, the affine coupling's formulas) beside their NumPy
+references; ``fused.FUSED = False`` runs the references.
 """
 from .composite import Composite, Namespaced, spawn_seed
 from .conv2d import (Conv2d, check_channel_last, conv_backward_input_side, conv_backward_output_side,

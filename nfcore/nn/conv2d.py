@@ -166,8 +166,10 @@ class Conv2d(Layer):
         """True: expand the input side (k·k·C columns), else the output side (k·k·O)."""
         return self.channels <= self.out_channels
 
-    def forward(self, x):
-        """y (B, H, W, O) = the convolution of x (B, H, W, C), plus the bias."""
+    def forward_linear(self, x):
+        """The convolution of x (B, H, W, C) without the bias: a fresh array y (B, H, W, O),
+        which the caller may change in place (Network adds the bias inside its fused ReLU,
+        Conv2dZero inside its fused scaling). Caches x for backward."""
         check_channel_last(x, "x", self.channels)
         xp = get_array_module(x)
         if self.channels is None:
@@ -178,13 +180,19 @@ class Conv2d(Layer):
             y = conv_forward_input_side(x, weight)
         else:
             y = conv_forward_output_side(x, weight)
-        if self.bias:
-            y += self.params["bias"].astype(x.dtype, copy=False)
         self._cache = x
         return y
 
-    def backward(self, dy):
-        """dx (B, H, W, C) from dy (B, H, W, O); adds dL/dweight and dL/dbias into grads."""
+    def forward(self, x):
+        """y (B, H, W, O) = the convolution of x (B, H, W, C), plus the bias."""
+        y = self.forward_linear(x)
+        if self.bias:
+            y += self.params["bias"].astype(y.dtype, copy=False)
+        return y
+
+    def backward_linear(self, dy):
+        """dx (B, H, W, C) from dy (B, H, W, O); adds dL/dweight into grads, not dL/dbias (the
+        caller's fused pass computes that one: see Network, Conv2dZero)."""
         x = getattr(self, "_cache", None)
         check_gradient(dy, None if x is None else x.shape[:3] + (self.out_channels,))
         dy = get_array_module(x).ascontiguousarray(dy, dtype=x.dtype)
@@ -194,6 +202,11 @@ class Conv2d(Layer):
         else:
             dx, dweight = conv_backward_output_side(dy, x, weight)
         self.grads["weight"] += dweight
+        return dx
+
+    def backward(self, dy):
+        """dx (B, H, W, C) from dy (B, H, W, O); adds dL/dweight and dL/dbias into grads."""
+        dx = self.backward_linear(dy)
         if self.bias:
             self.grads["bias"] += dy.reshape(-1, self.out_channels).sum(axis=0)
         return dx

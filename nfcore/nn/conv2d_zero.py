@@ -20,6 +20,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..layers.base import check_gradient
 from .conv2d import Conv2d
+from .fused import scale_bias, scale_bias_backward
 
 LOGSCALE_FACTOR = 3.0
 
@@ -40,21 +41,24 @@ class Conv2dZero(Conv2d):
         return get_array_module(logs).exp(LOGSCALE_FACTOR * logs)
 
     def forward(self, x):
-        u = super().forward(x)
+        """y = (conv(x) + bias) · exp(3 · logs); u = conv(x) + bias kept for backward. The bias
+        and the scale are one fused pass (nfcore/nn/fused.py) over the product's output."""
+        g = self.forward_linear(x)
+        u, y = scale_bias(g, self.params["bias"].astype(g.dtype, copy=False), self._scale(g.dtype))
         self._u = u
-        return u * self._scale(u.dtype)
+        return y
 
     def release(self):
         super().release()
         self._u = None
 
     def backward(self, dy):
+        """du = dy · e, dlogs = 3 · Σ du · u, dbias = Σ du (one fused pass), then the conv's."""
         cached = getattr(self, "_cache", None) is not None
         check_gradient(dy, self._u.shape if cached else None)
         u = self._u
-        dy = dy.astype(u.dtype, copy=False)
-        scale = self._scale(u.dtype)
-        du = dy * scale
-        dlogs = LOGSCALE_FACTOR * (du * u).reshape(-1, self.out_channels).sum(axis=0)
-        self.grads["logs"] += dlogs
-        return super().backward(du)
+        du, logs_sum, bias_sum = scale_bias_backward(dy.astype(u.dtype, copy=False), u,
+                                                     self._scale(u.dtype))
+        self.grads["logs"] += LOGSCALE_FACTOR * logs_sum
+        self.grads["bias"] += bias_sum
+        return self.backward_linear(du)

@@ -59,34 +59,53 @@ class Network(Composite):
         self.parts["conv3"] = Conv2dZero(out_channels, 3, hidden if in_channels else None, dtype=dtype)
 
     def release(self):
-        """Drop every cache: the convs' and ActNorms' inputs (the parts) and the ReLUs' masks."""
+        """Drop every cache: the convs' and ActNorms' inputs (the parts) and the ReLUs' outputs."""
         super().release()
         self.relu1.release()
         self.relu2.release()
 
     def forward(self, x):
         """h (B, C_out, H, W) = NN(x), x (B, C_in, H, W)."""
-        h = self.conv1.forward(channel_last(x))
-        if self.actnorm:
-            h = _actnorm_forward(self.norm1, h)
-        h = self.relu1.forward(h)
-        h = self.conv2.forward(h)
-        if self.actnorm:
-            h = _actnorm_forward(self.norm2, h)
-        h = self.relu2.forward(h)
-        return channel_first(self.conv3.forward(h))
+        return channel_first(self.forward_last(x))
 
     def backward(self, dh):
         """dx (B, C_in, H, W) from dh (B, C_out, H, W), in the reverse order of forward."""
-        dh = self.conv3.backward(channel_last(dh))
-        dh = self.relu2.backward(dh)
+        return self.backward_last(channel_last(dh))
+
+    def forward_last(self, x):
+        """h (B, H, W, C_out) channel-last = NN(x), x (B, C_in, H, W): forward without the
+        conversion on exit (the affine coupling's fused pass reads h channel-last). Each hidden
+        conv's bias is added inside its ReLU's pass (ReLU.forward_bias), in place."""
+        h = self.conv1.forward_linear(channel_last(x))
+        if self.actnorm:
+            h = _actnorm_forward(self.norm1, h)
+        h = self.relu1.forward_bias(h, self._bias("conv1", h.dtype))
+        h = self.conv2.forward_linear(h)
+        if self.actnorm:
+            h = _actnorm_forward(self.norm2, h)
+        h = self.relu2.forward_bias(h, self._bias("conv2", h.dtype))
+        return self.conv3.forward(h)
+
+    def backward_last(self, dh):
+        """dx (B, C_in, H, W) from a channel-last dh (B, H, W, C_out). The ReLUs' masks and the
+        hidden convs' bias gradients are one pass each (ReLU.backward_bias)."""
+        dh = self.conv3.backward(dh)
+        dh, dbias = self.relu2.backward_bias(dh)
         if self.actnorm:
             dh = _actnorm_backward(self.norm2, dh)
-        dh = self.conv2.backward(dh)
-        dh = self.relu1.backward(dh)
+        else:
+            self.conv2.grads["bias"] += dbias
+        dh = self.conv2.backward_linear(dh)
+        dh, dbias = self.relu1.backward_bias(dh)
         if self.actnorm:
             dh = _actnorm_backward(self.norm1, dh)
-        return channel_first(self.conv1.backward(dh))
+        else:
+            self.conv1.grads["bias"] += dbias
+        return channel_first(self.conv1.backward_linear(dh))
+
+    def _bias(self, conv, dtype):
+        """The hidden conv's bias in the activations' dtype, None with actnorm (no bias)."""
+        return None if self.actnorm else self.parts[conv].params["bias"].astype(dtype, copy=False)
 
 
 def _actnorm_forward(norm, h):
