@@ -364,3 +364,112 @@ def test_raster_method_solves_the_same_system():
     np.testing.assert_allclose(layer.inverse(y, method="raster"), layer.inverse(y), rtol=0, atol=1e-13)
     with pytest.raises(ValueError, match="unknown inverse method"):
         layer.inverse(y, method="dense")
+
+
+# ---- the register-blocked CPU kernels against the plain ones and the references ------------
+
+BLOCKED_CHANNELS = [1, 2, 3, 4, 6, 7, 8, 12, 48]
+BLOCKED_BATCHES = [1, 8, 9, 16, 37, 64]
+
+
+def blocked_case(G, B, C, k, dtype, seed=14, Hk=4, Wk=5):
+    """x, dy and w in the cpu module's batch-last layout (G, H, W, C, B), w's self-tap
+    L = w[.., k-1, k-1].T lower triangular with a unit-ish diagonal."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((G, Hk, Wk, C, B)).astype(dtype)
+    dy = rng.standard_normal((G, Hk, Wk, C, B)).astype(dtype)
+    w = (rng.standard_normal((G, k, k, C, C)) * 0.3 / np.sqrt(k * k * C)).astype(dtype)
+    w[:, k - 1, k - 1] = np.triu(w[:, k - 1, k - 1]) + np.eye(C, dtype=dtype)
+    return x, dy, w
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize("B", BLOCKED_BATCHES)
+@pytest.mark.parametrize("C", BLOCKED_CHANNELS)
+def test_blocked_cpu_kernels_match_plain_and_numpy(C, B, k, dtype, tol):
+    """The register-blocked kernels (cpu.conv_forward, conv_input_grad, the inverses) against
+    the plain ones (cpu.*_plain) and numpy_ref, at every channel count the blocks split
+    differently (C = 7: 4 + 3, 12: 6 + 6, 48: 8 × 6), batches under one register (B = 1, padded
+    inside), ragged (9, 37: rows of 16 then a tail of 8, padded) and whole (8, 16, 64)."""
+    G = 2 if C % 2 else 1
+    x, dy, w = blocked_case(G, B, C, k, dtype)
+    axes = cpu_module.AXES
+    canonical = lambda a: from_layout(a, axes)                          # noqa: E731
+
+    def close(a, b):
+        assert a.dtype == dtype and a.shape == b.shape
+        assert np.abs(a - b).max() <= tol * max(1.0, np.abs(b).max())
+
+    y = cpu_module.conv_forward(x, w)
+    close(y, cpu_module.conv_forward_plain(x, w))
+    close(canonical(y), numpy_ref.conv_forward(canonical(x), w))
+    dx = cpu_module.conv_input_grad(dy, w)
+    close(dx, cpu_module.conv_input_grad_plain(dy, w))
+    close(canonical(dx), numpy_ref.conv_input_grad(canonical(dy), w))
+
+    x_plain = cpu_module.wavefront_inverse_plain(y, w)
+    solves = [cpu_module.sweep_inverse(y, w), cpu_module.diagonal_inverse(y, w),
+              cpu_module.wavefront_inverse(y, w), cpu_module.raster_inverse(y, w)]
+    for x_solved in solves:
+        close(x_solved, x)
+        close(x_solved, x_plain)
+        np.testing.assert_array_equal(x_solved, solves[0])     # the same operations per image
+    close(cpu_module.conv_forward(solves[0], w), y)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blocked_cpu_kernels_give_each_image_the_same_bits(dtype):
+    """Every image gets the same operations in the same order wherever it sits in the batch,
+    whatever the chunk, block or thread that handles it: its result alone (B = 1, padded inside)
+    is bit for bit its result in the batch, for the forward and both inverse schedules; and the
+    results do not depend on the number of threads."""
+    import numba
+    x, _, w = blocked_case(3, 37, 7, 3, dtype, seed=15, Hk=6, Wk=5)
+    y = cpu_module.conv_forward(x, w)
+    kernels = {"forward": (cpu_module.conv_forward, x), "sweep": (cpu_module.sweep_inverse, y),
+               "diagonal": (cpu_module.diagonal_inverse, y)}
+    full = {name: kernel(a, w) for name, (kernel, a) in kernels.items()}
+    for n in (0, 8, 16, 36):
+        for name, (kernel, a) in kernels.items():
+            np.testing.assert_array_equal(kernel(np.ascontiguousarray(a[..., n:n + 1]), w),
+                                          full[name][..., n:n + 1], err_msg=name)
+    threads = numba.get_num_threads()
+    try:
+        for count in range(1, threads + 1):
+            numba.set_num_threads(count)
+            for name, (kernel, a) in kernels.items():
+                np.testing.assert_array_equal(kernel(a, w), full[name], err_msg=f"{name}, {count}")
+    finally:
+        numba.set_num_threads(threads)
+
+
+def test_blocked_cpu_kernels_use_fused_simd_registers():
+    """The blocks compile to fused multiply-adds on whole SIMD registers (ymm or zmm): a fresh
+    compile of the forward and solve blocks at P = 6, 64 bytes of float32 images, has at least
+    six vfmadd...ps on %ymm/%zmm each (x86 with AVX2 + FMA only)."""
+    import re
+
+    import numba
+    from numba import types
+
+    from nfcore.kernels import cpu_blocked
+    features = numba.config.CPU_FEATURES or ""
+    try:
+        import llvmlite.binding as llvm
+        host = llvm.get_host_cpu_features()
+        has_fma = host.get("fma", False) and host.get("avx2", False)
+    except Exception:                                   # pragma: no cover - not x86 / old llvmlite
+        has_fma = "+fma" in features
+    if not has_fma:
+        pytest.skip("the host has no AVX2 + FMA")
+    array = types.Array(types.float32, 5, "C")
+    index = (types.int64,) * 5
+    block = cpu_blocked.Block(types.float32, 6, 16)
+    for kernel in (cpu_blocked._forward_block, cpu_blocked._solve_block):
+        fresh = numba.njit(kernel.py_func)
+        signature = (array, array, array) + index + (block,)
+        fresh.compile(signature)
+        asm = fresh.inspect_asm(signature)
+        fused = re.findall(r"vfmadd\d{3}ps\s[^\n]*%[yz]mm", asm)
+        assert len(fused) >= 6, kernel.py_func.__name__

@@ -34,12 +34,22 @@ itself); for a batch too small for that, the anti-diagonal sweep (``diagonal_inv
 spreads every diagonal's pixels over the threads, with a barrier per diagonal: H+W-1 parallel
 steps. The weight gradient sums fixed chunks of the batch in a fixed order, so its rounding
 does not depend on the number of threads.
+
+**Plain and register-blocked kernels.** The kernels written out below (``conv_forward_plain``,
+``sweep_inverse_plain``, ``diagonal_inverse_plain``, ``wavefront_inverse_plain``, and the
+weight gradient) add every product into memory: one load and one store of a row of outputs per
+fused multiply-add. ``cpu_blocked.py`` has the register-blocked forward and inverse (a block of
+up to 6 output channels × 64 bytes of images accumulated in registers over all taps and input
+channels, stored once; its docstring). The public names, which the layers call, are the blocked
+ones: ``conv_forward``, ``conv_input_grad`` (which runs ``conv_forward``), ``sweep_inverse``,
+``diagonal_inverse``, ``wavefront_inverse``, ``raster_inverse``. The plain ones stay as their
+reference; the tests hold both to ``numpy_ref.py`` and to each other.
 """
 import numba
 import numpy as np
 from numba import njit, prange
 
-from . import input_grad_by_flips
+from . import cpu_blocked, input_grad_by_flips
 
 # The kernels' axis order as a transpose of the canonical (G, B, H, W, C): (G, H, W, C, B).
 AXES = (0, 2, 3, 4, 1)
@@ -234,7 +244,7 @@ def _solve_pixel(x, y, w, g, i, j, n0, n1):
 
 
 @njit(parallel=True, cache=True)
-def conv_forward(x, w):
+def conv_forward_plain(x, w):
     """y = the top-left masked convolution of x with w. Parallel over (group, row)."""
     G, H, W, _, B = x.shape
     y = np.zeros((G, H, W, w.shape[4], B), dtype=x.dtype)
@@ -247,7 +257,7 @@ def conv_forward(x, w):
 
 
 @njit(parallel=True, cache=True)
-def _sweep(y, w, n_chunks):
+def _sweep_plain(y, w, n_chunks):
     G, H, W, _, B = y.shape
     x = np.zeros_like(y)
     chunk = -(-B // n_chunks)
@@ -269,21 +279,21 @@ def _sweep_chunks(G, B):
     return max(1, min(wanted, B // MIN_SWEEP_LANES))
 
 
-def sweep_inverse(y, w):
+def sweep_inverse_plain(y, w):
     """x such that conv_forward(x, w) == y: each thread solves its own (group, chunk of
     images) pixel after pixel in raster order, with no synchronization: H·W steps per thread."""
-    return _sweep(y, w, _sweep_chunks(y.shape[0], y.shape[4]))
+    return _sweep_plain(y, w, _sweep_chunks(y.shape[0], y.shape[4]))
 
 
-def raster_inverse(y, w):
+def raster_inverse_plain(y, w):
     """The raster-scan solve, pixel after pixel (Emerging's published way: H·W sequential
     steps, parallel only over groups and images). On the CPU this is the same schedule as
     ``sweep_inverse``: one thread gains nothing from another order of the same pixels."""
-    return _sweep(y, w, _sweep_chunks(y.shape[0], y.shape[4]))
+    return _sweep_plain(y, w, _sweep_chunks(y.shape[0], y.shape[4]))
 
 
 @njit(parallel=True, cache=True)
-def diagonal_inverse(y, w):
+def diagonal_inverse_plain(y, w):
     """x such that conv_forward(x, w) == y, solved anti-diagonal by anti-diagonal.
 
     For d = 0 .. H+W-2 (sequential), every pixel with i + j = d in every group is solved in
@@ -301,14 +311,18 @@ def diagonal_inverse(y, w):
     return x
 
 
-def wavefront_inverse(y, w):
+def _fills_threads(G, B):
+    """Do the per-thread sweep's (group, image chunk) pieces fill the threads?"""
+    return G * _sweep_chunks(G, B) >= numba.get_num_threads()
+
+
+def wavefront_inverse_plain(y, w):
     """x such that conv_forward(x, w) == y, with the schedule that suits the batch: the
     per-thread sweep when the (group, image chunk) pieces fill the threads, else the
     anti-diagonal sweep (see the module docstring)."""
-    G, B = y.shape[0], y.shape[4]
-    if G * _sweep_chunks(G, B) >= numba.get_num_threads():
-        return sweep_inverse(y, w)
-    return diagonal_inverse(y, w)
+    if _fills_threads(y.shape[0], y.shape[4]):
+        return sweep_inverse_plain(y, w)
+    return diagonal_inverse_plain(y, w)
 
 
 @njit(parallel=True, cache=True)
@@ -356,3 +370,82 @@ def conv_weight_grad(x, dy, k):
 def conv_input_grad(dy, w):
     """dx = the gradient of conv_forward with respect to x: see ``input_grad_by_flips``."""
     return input_grad_by_flips(conv_forward, dy, w, AXES)
+
+
+def conv_input_grad_plain(dy, w):
+    """``conv_input_grad`` by the plain forward kernel."""
+    return input_grad_by_flips(conv_forward_plain, dy, w, AXES)
+
+
+# ---- the register-blocked kernels (cpu_blocked.py), the ones the layers call ---------------
+
+def _blockable(a, w):
+    """Can the blocked kernels take a (float32 or float64, w of the same dtype)?"""
+    return a.dtype in (np.float32, np.float64) and w.dtype == a.dtype
+
+
+def _in_whole_rows(a):
+    """a, C-contiguous, its batch axis (the last) a multiple of LANES: zero images appended
+    where it is not (a batch under 8, or an array that did not come from ``to_groups``).
+    Zero images give zeros, and every image gets the same operations wherever it is."""
+    B = a.shape[-1]
+    if B % LANES == 0:
+        return np.ascontiguousarray(a)
+    padded = np.zeros(a.shape[:-1] + (-(-B // LANES) * LANES,), dtype=a.dtype)
+    padded[..., :B] = a
+    return padded
+
+
+def _first_images(a, B):
+    """a without the images ``_in_whole_rows`` appended."""
+    return a if a.shape[-1] == B else np.ascontiguousarray(a[..., :B])
+
+
+def conv_forward(x, w):
+    """y = the top-left masked convolution of x with w: the register-blocked kernel
+    (``cpu_blocked.conv_forward``), parallel over (group, row). Other dtypes than float32 and
+    float64 (or a w of another dtype than x) go to ``conv_forward_plain``."""
+    if not _blockable(x, w):
+        return conv_forward_plain(x, w)
+    return _first_images(cpu_blocked.conv_forward(_in_whole_rows(x), np.ascontiguousarray(w)),
+                         x.shape[-1])
+
+
+def _sweep_chunk(G, B):
+    """Images per chunk of the per-thread sweep: B split into ``_sweep_chunks`` chunks, each
+    rounded up to whole registers (LANES)."""
+    chunk = -(-B // _sweep_chunks(G, B))
+    return -(-chunk // LANES) * LANES
+
+
+def sweep_inverse(y, w):
+    """x such that conv_forward(x, w) == y: the per-thread sweep (``sweep_inverse_plain``'s
+    schedule) with the register-blocked solve of ``cpu_blocked``."""
+    if not _blockable(y, w):
+        return sweep_inverse_plain(y, w)
+    yb = _in_whole_rows(y)
+    x = cpu_blocked.sweep(yb, np.ascontiguousarray(w), _sweep_chunk(y.shape[0], yb.shape[-1]))
+    return _first_images(x, y.shape[-1])
+
+
+def raster_inverse(y, w):
+    """The raster-scan solve: on the CPU the per-thread sweep (see ``raster_inverse_plain``)."""
+    return sweep_inverse(y, w)
+
+
+def diagonal_inverse(y, w):
+    """x such that conv_forward(x, w) == y, anti-diagonal by anti-diagonal (``diagonal_inverse_
+    plain``'s schedule) with the register-blocked solve of ``cpu_blocked``."""
+    if not _blockable(y, w):
+        return diagonal_inverse_plain(y, w)
+    x = cpu_blocked.diagonal_inverse(_in_whole_rows(y), np.ascontiguousarray(w))
+    return _first_images(x, y.shape[-1])
+
+
+def wavefront_inverse(y, w):
+    """x such that conv_forward(x, w) == y, with the schedule that suits the batch: the
+    per-thread sweep when the (group, image chunk) pieces fill the threads, else the
+    anti-diagonal sweep (see the module docstring); register-blocked."""
+    if _fills_threads(y.shape[0], y.shape[4]):
+        return sweep_inverse(y, w)
+    return diagonal_inverse(y, w)

@@ -1,0 +1,368 @@
+"""Register-blocked Numba CPU kernels of the masked k×k convolution: the forward and the inverse
+(both schedules), in the batch-last layout of ``cpu.py`` (its docstring gives the layout and the
+formulas; ``cpu.py`` keeps the plain kernels beside these as their reference, and its public
+names are these kernels).
+
+**The register block.** The plain kernels add each product into memory: for every (tap, input
+channel) they load a row of B outputs, fuse-multiply-add and store it again, so the loop runs at
+the machine's load/store rate, not its FMA rate. Here a block of outputs, P ≤ 6 output channels
+× one SIMD row of images (64 bytes: 16 float32 or 8 float64 lanes; a tail of 32 bytes, 8 or 4
+lanes), stays in registers across all taps and input channels and is stored once. Each step
+of the inner loop (one tap, one input channel) loads one row of images and P broadcast weights
+and does P fused multiply-adds: 6 accumulators of 64 bytes are 12 AVX2 registers (of 16) or 6
+AVX-512 ones, and LLVM folds the weight broadcasts into the FMAs (``vfmadd231ps (mem){1to16},
+%zmm, %zmm`` on AVX-512, ``vbroadcastss`` + ``vfmadd231ps %ymm`` on AVX2). A pixel's C output
+channels are split into ⌈C/6⌉ blocks of as equal sizes as possible (C = 12: 6 + 6; C = 7:
+4 + 3; C = 3: one block of 3).
+
+Numba has no SIMD types, so the block is a type of its own (``Block``: P LLVM vectors, an
+``[P x <NB x float>]`` value) with four intrinsics that write the LLVM IR directly: zeros, the
+P fused multiply-adds of one step (``llvm.fma.v16f32``: always fused, so the result is the same
+on every machine), the store, and the inverse's in-register triangular solve. Their indices are
+flat element offsets into C-contiguous arrays; no bounds are checked.
+
+**Every image gets the same operations in the same order** whatever block, chunk or thread
+handles it: output (co, n) = fma(w, x, ...) over the taps (a, b) in order and the input channels
+in order, starting from zero. So the results do not depend on the number of threads, and an
+image of a padded batch gets exactly what it gets alone. The batch must be a multiple of 8
+(``cpu.padded_batch`` makes it one for B ≥ 8); the wrappers in ``cpu.py`` pad a smaller or
+ragged batch with zero images and drop them after.
+
+**The inverse** solves pixel (i, j)'s block of P channels co0 .. co0+P-1 in registers: the
+accumulators gather every tap but the self-tap, then the self-tap's already solved channels
+ci < co0 of this pixel (they are taps like the others), then ``block_solve`` runs the forward
+substitution through the block's own P×P corner of the lower-triangular self-tap in registers:
+x[c] = (y[c] - acc[c]) / L[c, c], then acc[c'] += L[c', c]·x[c] for the block's later channels.
+One store per solved row, as in the forward.
+"""
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils, errors
+from numba.extending import intrinsic, models, register_model
+
+BLOCK_BYTES = 64     # one row of a block: 16 float32 / 8 float64 lanes (2 AVX2 or 1 AVX-512 register)
+TAIL_BYTES = 32      # the tail rows: 8 float32 / 4 float64 lanes
+MAX_BLOCK_CHANNELS = 6
+
+
+class Block(types.Type):
+    """P vectors of NB lanes of ``dtype``: a block of outputs held in registers."""
+
+    def __init__(self, dtype, P, NB):
+        self.dtype, self.P, self.NB = dtype, P, NB
+        super().__init__(name=f"nfcore.Block({dtype}, {P}, {NB})")
+
+
+@register_model(Block)
+class _BlockModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        vector = ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(), fe_type.NB)
+        super().__init__(dmm, fe_type, ir.ArrayType(vector, fe_type.P))
+
+
+def _literal(value_type, what):
+    if not isinstance(value_type, types.IntegerLiteral):
+        raise errors.RequireLiteralValue(f"{what} must be a compile-time constant")
+    return value_type.literal_value
+
+
+def _contiguous_float(array_type, what):
+    if not (isinstance(array_type, types.Array) and array_type.layout == "C"
+            and array_type.dtype in (types.float32, types.float64)):
+        raise errors.TypingError(f"{what}: a C-contiguous float32/float64 array, got {array_type}")
+
+
+def _vector_type(context, block_type):
+    return ir.VectorType(context.get_value_type(block_type.dtype), block_type.NB)
+
+
+def _element_pointer(context, builder, array_type, array, index):
+    return builder.gep(context.make_array(array_type)(context, builder, array).data, [index])
+
+
+def _vector_pointer(context, builder, array_type, array, index, vector):
+    pointer = _element_pointer(context, builder, array_type, array, index)
+    return builder.bitcast(pointer, vector.as_pointer())
+
+
+def _broadcast(builder, scalar, vector):
+    lanes = vector.count
+    first = builder.insert_element(ir.Constant(vector, ir.Undefined), scalar,
+                                   ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(first, ir.Constant(vector, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+
+
+def _fma(builder, vector, block_type):
+    suffix = f"v{block_type.NB}f{64 if block_type.dtype == types.float64 else 32}"
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3),
+                                          "llvm.fma." + suffix)
+
+
+def _offset(builder, index, step):
+    return builder.add(index, ir.Constant(index.type, step)) if step else index
+
+
+@intrinsic
+def block_zeros(typingctx, like, P, row_bytes):
+    """A Block of zeros of ``like``'s dtype: P channels × row_bytes of lanes (both constants)."""
+    _contiguous_float(like, "block_zeros")
+    lanes = _literal(row_bytes, "row_bytes") * 8 // like.dtype.bitwidth
+    block_type = Block(like.dtype, _literal(P, "P"), lanes)
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(context.get_value_type(block_type), None)
+    return block_type(like, P, row_bytes), codegen
+
+
+@intrinsic
+def block_fma(typingctx, acc, x, x_index, w, w_index):
+    """acc[p] += w.flat[w_index + p] * x.flat[x_index : x_index + NB] for p < P, fused."""
+    _contiguous_float(x, "block_fma x")
+    _contiguous_float(w, "block_fma w")
+    if not isinstance(acc, Block) or x.dtype != acc.dtype or w.dtype != acc.dtype:
+        raise errors.TypingError("block_fma: a Block and arrays of its dtype")
+
+    def codegen(context, builder, signature, args):
+        block_type = signature.args[0]
+        acc_value, x_array, x_at, w_array, w_at = args
+        vector = _vector_type(context, block_type)
+        fma = _fma(builder, vector, block_type)
+        row = builder.load(_vector_pointer(context, builder, signature.args[1], x_array, x_at,
+                                           vector), align=x.dtype.bitwidth // 8)
+        for p in range(block_type.P):
+            weight = builder.load(_element_pointer(context, builder, signature.args[3], w_array,
+                                                   _offset(builder, w_at, p)))
+            total = builder.call(fma, [_broadcast(builder, weight, vector), row,
+                                       builder.extract_value(acc_value, p)])
+            acc_value = builder.insert_value(acc_value, total, p)
+        return acc_value
+    return acc(acc, x, x_index, w, w_index), codegen
+
+
+@intrinsic
+def block_store(typingctx, acc, y, y_index, stride):
+    """y.flat[y_index + p·stride : ... + NB] = acc[p] for p < P."""
+    _contiguous_float(y, "block_store y")
+    if not isinstance(acc, Block) or y.dtype != acc.dtype:
+        raise errors.TypingError("block_store: a Block and an array of its dtype")
+
+    def codegen(context, builder, signature, args):
+        block_type = signature.args[0]
+        acc_value, y_array, y_at, step = args
+        vector = _vector_type(context, block_type)
+        for p in range(block_type.P):
+            at = builder.add(y_at, builder.mul(step, ir.Constant(step.type, p)))
+            builder.store(builder.extract_value(acc_value, p),
+                          _vector_pointer(context, builder, signature.args[1], y_array, at, vector),
+                          align=y.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+    return types.none(acc, y, y_index, stride), codegen
+
+
+@intrinsic
+def block_solve(typingctx, acc, y, y_index, stride, w, w_index, w_stride, x, x_index):
+    """The forward substitution of one block in registers. For p = 0 .. P-1:
+    v = (y.flat[y_index + p·stride : .. + NB] - acc[p]) / L[p, p], stored at
+    x.flat[x_index + p·stride : .. + NB], then acc[q] += L[q, p]·v for q > p (fused), where
+    L[q, p] = w.flat[w_index + p·w_stride + q] (the self-tap w[g, k-1, k-1, ci, co] at
+    ci = co0 + p, co = co0 + q)."""
+    for array, what in ((y, "y"), (w, "w"), (x, "x")):
+        _contiguous_float(array, f"block_solve {what}")
+        if not isinstance(acc, Block) or array.dtype != acc.dtype:
+            raise errors.TypingError("block_solve: a Block and arrays of its dtype")
+
+    def codegen(context, builder, signature, args):
+        block_type = signature.args[0]
+        acc_value, y_array, y_at, step, w_array, w_at, w_step, x_array, x_at = args
+        y_type, w_type, x_type = signature.args[1], signature.args[4], signature.args[7]
+        vector = _vector_type(context, block_type)
+        fma = _fma(builder, vector, block_type)
+        align = y.dtype.bitwidth // 8
+
+        def weight(p, q):
+            at = builder.add(_offset(builder, w_at, q), builder.mul(w_step, ir.Constant(w_step.type, p)))
+            return _broadcast(builder, builder.load(_element_pointer(context, builder, w_type,
+                                                                     w_array, at)), vector)
+
+        for p in range(block_type.P):
+            row = builder.mul(step, ir.Constant(step.type, p))
+            y_row = builder.load(_vector_pointer(context, builder, y_type, y_array,
+                                                 builder.add(y_at, row), vector), align=align)
+            solved = builder.fdiv(builder.fsub(y_row, builder.extract_value(acc_value, p)),
+                                  weight(p, p))
+            builder.store(solved, _vector_pointer(context, builder, x_type, x_array,
+                                                  builder.add(x_at, row), vector), align=align)
+            for q in range(p + 1, block_type.P):
+                total = builder.call(fma, [weight(p, q), solved, builder.extract_value(acc_value, q)])
+                acc_value = builder.insert_value(acc_value, total, q)
+        return context.get_dummy_value()
+    return types.none(acc, y, y_index, stride, w, w_index, w_stride, x, x_index), codegen
+
+
+# ---- one block ------------------------------------------------------------------------------
+
+@njit(cache=True)
+def _forward_block(y, x, w, g, i, j, co, n0, acc):
+    """y[g, i, j, co:co+P, n0:n0+NB] = the taps of x (all of them) through w, one store.
+    ``acc``: a Block of zeros, whose type gives P and NB (one compiled function each)."""
+    _, H, W, C, B = x.shape
+    k, C_out = w.shape[1], w.shape[4]
+    for a in range(max(0, k - 1 - i), k):
+        for b in range(max(0, k - 1 - j), k):
+            x_at = (((g * H + i - (k - 1) + a) * W + j - (k - 1) + b) * C) * B + n0
+            w_at = (((g * k + a) * k + b) * C) * C_out + co
+            for ci in range(C):
+                acc = block_fma(acc, x, x_at + ci * B, w, w_at + ci * C_out)
+    block_store(acc, y, (((g * H + i) * W + j) * C_out + co) * B + n0, B)
+
+
+@njit(cache=True)
+def _solve_block(x, y, w, g, i, j, co, n0, acc):
+    """Solve x[g, i, j, co:co+P, n0:n0+NB], the pixels before (i, j) and the channels before co
+    of (i, j) being solved already (see the module docstring). ``acc``: a Block of zeros."""
+    _, H, W, C, B = x.shape
+    k = w.shape[1]
+    for a in range(max(0, k - 1 - i), k):
+        for b in range(max(0, k - 1 - j), k):
+            if a == k - 1 and b == k - 1:
+                continue
+            x_at = (((g * H + i - (k - 1) + a) * W + j - (k - 1) + b) * C) * B + n0
+            w_at = (((g * k + a) * k + b) * C) * C + co
+            for ci in range(C):
+                acc = block_fma(acc, x, x_at + ci * B, w, w_at + ci * C)
+    pixel_at = (((g * H + i) * W + j) * C) * B + n0
+    self_at = (((g * k + k - 1) * k + k - 1) * C) * C + co
+    for ci in range(co):
+        acc = block_fma(acc, x, pixel_at + ci * B, w, self_at + ci * C)
+    block_solve(acc, y, pixel_at + co * B, B, w, self_at + co * C, C, x, pixel_at + co * B)
+
+
+# ---- one pixel: its channel blocks and its rows of images ------------------------------------
+
+@njit(inline="always")
+def _channel_blocks(C):
+    """(number of blocks, their base size, how many are one larger): ⌈C/6⌉ blocks of equal size
+    within one channel, the larger ones first."""
+    n_blocks = -(-C // MAX_BLOCK_CHANNELS)
+    return n_blocks, C // n_blocks, C % n_blocks
+
+
+@njit(inline="always")
+def _forward_row(y, x, w, g, i, j, n0, row_bytes):
+    """All output channels of pixel (i, j) for one row of images from n0, P channels a block."""
+    n_blocks, base, larger = _channel_blocks(w.shape[4])
+    co = np.int64(0)       # not the constant 0: a literal argument would compile its own copy
+    for block in range(n_blocks):
+        P = base + 1 if block < larger else base
+        if P == 6:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 6, row_bytes))
+        elif P == 5:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 5, row_bytes))
+        elif P == 4:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 4, row_bytes))
+        elif P == 3:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 3, row_bytes))
+        elif P == 2:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 2, row_bytes))
+        else:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 1, row_bytes))
+        co += P
+
+
+@njit(inline="always")
+def _solve_row(x, y, w, g, i, j, n0, row_bytes):
+    """Solve every channel of pixel (i, j) for one row of images from n0, block after block."""
+    n_blocks, base, larger = _channel_blocks(w.shape[4])
+    co = np.int64(0)       # not the constant 0: a literal argument would compile its own copy
+    for block in range(n_blocks):
+        P = base + 1 if block < larger else base
+        if P == 6:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 6, row_bytes))
+        elif P == 5:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 5, row_bytes))
+        elif P == 4:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 4, row_bytes))
+        elif P == 3:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 3, row_bytes))
+        elif P == 2:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 2, row_bytes))
+        else:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 1, row_bytes))
+        co += P
+
+
+@njit(cache=True)
+def _forward_pixel(y, x, w, g, i, j, n0, n1):
+    """Pixel (i, j), images n0 <= n < n1 (n1 - n0 a multiple of 8): 64-byte rows, then a
+    32-byte tail."""
+    lanes, tail = BLOCK_BYTES // x.itemsize, TAIL_BYTES // x.itemsize
+    n = n0
+    while n + lanes <= n1:
+        _forward_row(y, x, w, g, i, j, n, BLOCK_BYTES)
+        n += lanes
+    while n + tail <= n1:
+        _forward_row(y, x, w, g, i, j, n, TAIL_BYTES)
+        n += tail
+
+
+@njit(cache=True)
+def _solve_pixel(x, y, w, g, i, j, n0, n1):
+    """Solve pixel (i, j) for the images n0 <= n < n1 (a multiple of 8 of them)."""
+    lanes, tail = BLOCK_BYTES // x.itemsize, TAIL_BYTES // x.itemsize
+    n = n0
+    while n + lanes <= n1:
+        _solve_row(x, y, w, g, i, j, n, BLOCK_BYTES)
+        n += lanes
+    while n + tail <= n1:
+        _solve_row(x, y, w, g, i, j, n, TAIL_BYTES)
+        n += tail
+
+
+# ---- the kernels (batch a multiple of 8, C-contiguous arrays: the wrappers in cpu.py) --------
+
+@njit(parallel=True, cache=True)
+def conv_forward(x, w):
+    """y = the top-left masked convolution of x with w; parallel over (group, row)."""
+    G, H, W, _, B = x.shape
+    y = np.empty((G, H, W, w.shape[4], B), dtype=x.dtype)
+    for t in prange(G * H):
+        g = t // H
+        i = t % H
+        for j in range(W):
+            _forward_pixel(y, x, w, g, i, j, np.int64(0), B)
+    return y
+
+
+@njit(parallel=True, cache=True)
+def sweep(y, w, chunk):
+    """The per-thread inverse: each (group, chunk of ``chunk`` images) solved pixel after pixel
+    in raster order by one thread, no synchronization."""
+    G, H, W, _, B = y.shape
+    x = np.empty_like(y)
+    n_chunks = -(-B // chunk)
+    for t in prange(G * n_chunks):
+        g = t // n_chunks
+        n0 = (t % n_chunks) * chunk
+        n1 = min(B, n0 + chunk)
+        for i in range(H):
+            for j in range(W):
+                _solve_pixel(x, y, w, g, i, j, n0, n1)
+    return x
+
+
+@njit(parallel=True, cache=True)
+def diagonal_inverse(y, w):
+    """The anti-diagonal inverse: for d = 0 .. H+W-2, every pixel i + j = d of every group
+    solved in parallel (all images), a barrier per diagonal."""
+    G, H, W, _, B = y.shape
+    x = np.empty_like(y)
+    for d in range(H + W - 1):
+        i_first = max(0, d - (W - 1))
+        n_pixels = min(H - 1, d) - i_first + 1
+        for t in prange(G * n_pixels):
+            g = t // n_pixels
+            i = i_first + t % n_pixels
+            _solve_pixel(x, y, w, g, i, d - i, np.int64(0), B)
+    return x
