@@ -53,17 +53,36 @@ calling sched_yield: they give way to a waiting thread, but not for free. Profil
 with BLAS on 2 threads spent 142 ms in col2im (43 ms with OPENBLAS_THREAD_TIMEOUT=4, 76 ms
 with BLAS on 1 thread) and 81 ms in im2col (42 ms, 50 ms).
 OPENBLAS_THREAD_TIMEOUT=4 makes them sleep at once. OpenBLAS reads it once, when NumPy loads
-it, so nfcore (imported after NumPy) cannot set it; the command lines do, in
-``train/__init__.py``, and a script can export it before Python starts. Step with BLAS on 2
+it (and SciPy's copy when SciPy loads it). ``openblas_idle_timeout`` sets it for the duration
+of ``import nfcore`` when NumPy is not loaded yet (nfcore then loads NumPy, Numba and SciPy
+itself) and puts the environment back afterwards; imported after NumPy (or Numba, SciPy,
+torch...), nfcore cannot change it any more: a script then exports OPENBLAS_THREAD_TIMEOUT=4
+before Python starts, or imports nfcore first. The command lines set it in
+``train/__init__.py``, before anything imports NumPy. BLAS itself runs on all cores unless the
+user limits it (OPENBLAS_NUM_THREADS, threadpoolctl, ``train.run --blas-threads``). Step with BLAS on 2
 threads, median of 10 steps, five pairs of processes: 372 363 417 347 393 ms without, 329 342
 368 327 346 ms with it (2 threads / 1 thread, paired: 0.84-0.96 without, 0.76-0.86 with).
 """
 import os
+import sys
 import warnings
 
-import numba
-
 SPIN_COUNT = "1000"
+OPENBLAS_TIMEOUT = "4"
+
+
+def openblas_idle_timeout():
+    """Set OPENBLAS_THREAD_TIMEOUT=4 now if NumPy is not loaded yet and the user did not set
+    it (see "OpenBLAS's side" above); returns a function that puts the environment back, to
+    call once NumPy and SciPy are loaded. Returns a no-op when it cannot or need not act."""
+    if "numpy" in sys.modules or "OPENBLAS_THREAD_TIMEOUT" in os.environ:
+        return lambda: None
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = OPENBLAS_TIMEOUT
+
+    def restore():
+        if os.environ.get("OPENBLAS_THREAD_TIMEOUT") == OPENBLAS_TIMEOUT:
+            del os.environ["OPENBLAS_THREAD_TIMEOUT"]
+    return restore
 
 
 def gomp_loaded():
@@ -77,6 +96,7 @@ def gomp_loaded():
 
 def start_numba_threads():
     """Start Numba's thread pool now, its OpenMP workers spinning only briefly (see above)."""
+    import numba                         # here: importing it loads NumPy (see above)
     user_set = "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ
     if not user_set and gomp_loaded():
         warnings.warn("an OpenMP runtime (libgomp) was loaded before nfcore, by a library "
