@@ -182,3 +182,55 @@ def test_sample_under_a_memory_limit_ends_in_one_line(checkpoint, tmp_path, name
 def test_a_folder_given_as_the_checkpoint_is_named_as_a_folder(tmp_path):
     with pytest.raises(ValueError, match="is a folder: give the checkpoint file in it"):
         load_checkpoint(tmp_path)
+
+
+# ---- train.run writes only checkpoints it can load back -----------------------------------
+
+@pytest.mark.parametrize("options, words", [
+    (["--k", "65"], "has k = 65, expected an integer from 1 to 63 (--k)"),
+    (["--guard", "65"], "has guard = 65, expected an integer from 1 to 64 (--guard)"),
+    (["--levels", "11"], "has levels = 11, expected an integer from 1 to 10 (--levels)"),
+    (["--batch-size", "100000"], "has batch_size = 100000, expected an integer from 1 to 65536 "
+                                 "(--batch-size)"),
+    (["--image-size", "5000", "--dataset", "folder"],
+     "has image_size = 5000, expected an integer from 1 to 4096 (--image-size)"),
+    (["--hidden", "16384", "--steps", "1024"], "describes a model of up to "),
+], ids=lambda value: value[1] if isinstance(value, list) else None)
+def test_train_run_refuses_a_config_its_checkpoint_could_not_be_loaded_with(tmp_path, capsys,
+                                                                           options, words):
+    """The load limits (CONFIG_LIMITS, MAX_PARAMETERS) checked at start-up, in one line, before
+    anything is trained or written (--k 65 and --guard 65 were accepted, and the checkpoints
+    they wrote refused by every tool and by --resume; --levels 11 and --batch-size 100000 failed
+    later with other messages, and --image-size 5000 would have resized every image first)."""
+    from train import run
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run.main(["--steps", "1", "--hidden", "8", "--max-steps", "1", "--eval-every", "1000",
+                  "--sample-every", "1000", "--data-dir", str(tmp_path / "no_images"),
+                  "--out", str(out), *options])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: the run's config " + words), err
+    assert "could not be loaded back (the limits of train/session.py" in err
+    assert not any(name.endswith((".h5", ".json", ".jsonl")) for name in os.listdir(out))
+
+
+def test_train_run_resumed_with_an_option_beyond_the_load_limits_is_refused(tmp_path, capsys):
+    from train import run
+    out = str(tmp_path / "run")
+    options = ["--levels", "2", "--steps", "1", "--hidden", "8", "--batch-size", "32",
+               "--eval-every", "1000", "--sample-every", "1000", "--out", out]
+    run.main(options + ["--max-steps", "2"])
+    def written():                                   # the lock file aside: every run takes it
+        return {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)
+                if name != ".run.lock"}
+
+    before = written()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run.main(options + ["--max-steps", "4", "--resume", "--guard", "65"])
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.startswith("error: the run's config has guard = 65, expected "
+                                              "an integer from 1 to 64 (--guard)")
+    assert written() == before
+    load_flow(os.path.join(out, "checkpoint.h5"))

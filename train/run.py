@@ -49,8 +49,8 @@ from .cli import (BLAS_THREADS_HELP, ArgumentParser, at_least, in_range, interru
                   limit_blas_threads, positive_float, positive_int, run_command, signals_deferred)
 from .images import save_bpd_plot
 from .monitor import RECON_THRESHOLD, check_reconstruction, reconstruction_batch
-from .session import (MODEL_KEYS, build_flow, evaluate_bits_per_dim, load_flow, optimizer_state,
-                      save_samples, save_training_checkpoint)
+from .session import (MODEL_KEYS, build_flow, config_problem, evaluate_bits_per_dim, load_flow,
+                      optimizer_state, save_samples, save_training_checkpoint)
 
 # Per-dataset defaults. cifar10 / imagenet: the published architecture (L=3 levels, K=32 steps,
 # coupling width 512, Adam lr 1e-3 with warm-up, 8 bits). digits: small and fast, so that the
@@ -219,6 +219,20 @@ def resume_config(args, config):
     return config, changes
 
 
+def check_loadable(config):
+    """ValueError in one line unless a checkpoint of ``config`` would load back: the limits
+    that loading a checkpoint checks (train/session.py: CONFIG_LIMITS, MAX_PARAMETERS), checked
+    at start-up instead of after the training that wrote it."""
+    problem = config_problem(config)
+    if problem is not None:
+        key, what = problem
+        option = (f" (--{key.replace('_', '-')})" if key is not None else
+                  " (--levels, --steps, --hidden, --k)")
+        raise ValueError(f"the run's config {what}{option}: its checkpoints could not be loaded "
+                         f"back (the limits of train/session.py, CONFIG_LIMITS and "
+                         f"MAX_PARAMETERS)")
+
+
 def prepare_out(out):
     """Create the output folder, or say in one line why it cannot be."""
     if os.path.exists(out) and not os.path.isdir(out):
@@ -315,9 +329,12 @@ class Run:
         if self.resumed:
             self.flow, meta, arrays = load_flow(resume_path, weights="raw")
             self.config, changes = resume_config(args, meta["config"])
+            check_loadable(self.config)
             self.step = meta["step"]
         else:
             self.config, self.step = None, 0
+        if not self.resumed:      # the options' own limits before the data are read (a huge
+            check_loadable(make_config(args, (1, 1, 1)))      # --image-size would be resized to)
         config = self.config
         dataset = config["dataset"] if self.resumed else args.dataset
         image_size = config["image_size"] if self.resumed else args.image_size
@@ -327,6 +344,7 @@ class Run:
             distributed.load_data(communicator, load, args.download)
         if not self.resumed:
             config = self.config = make_config(args, train_images.shape[1:])
+            check_loadable(config)
             self.flow = build_flow(config)
         if communicator is not None:
             communicator.check_same("code", distributed.code_digest())

@@ -58,41 +58,51 @@ def parameter_bound(config):
     return total
 
 
-def check_config(config, path):
-    """ValueError naming ``path`` and the key unless a checkpoint's config describes a model
-    this code can build within sane bounds (CONFIG_LIMITS, MAX_IMAGE_SIDE, MAX_PARAMETERS)."""
-    def bad(what):
-        return ValueError(f"{path}: its config {what}; not a checkpoint train.run wrote, or "
-                          f"edited by hand")
-
+def config_problem(config):
+    """None when ``config`` describes a model this code can build within sane bounds
+    (CONFIG_LIMITS, MAX_IMAGE_SIDE, MAX_PARAMETERS), else (key, what is wrong with it): the
+    key (None for the parameter bound, which several keys make) and a phrase to follow "its
+    config". What ``check_config`` refuses in a checkpoint, and train.run at start-up, so
+    that a run never writes a checkpoint it cannot load back."""
     if not isinstance(config, dict):
-        raise bad(f"is a {type(config).__name__}, not a JSON object")
+        return None, f"is a {type(config).__name__}, not a JSON object"
     for key in MODEL_KEYS + ("image_shape", "n_bits", "batch_size", "dataset"):
         if key not in config and key not in LATER_MODEL_KEYS:
-            raise bad(f"has no {key!r}")
+            return key, f"has no {key!r}"
     for key, (kind, low, high) in CONFIG_LIMITS.items():
         value = config.get(key)
         if value is None and (key in OPTIONAL_CONFIG_KEYS or key in LATER_MODEL_KEYS):
             continue
         number = isinstance(value, int) if kind is int else isinstance(value, (int, float))
         if isinstance(value, bool) or not number or not low <= value <= high:
-            raise bad(f"has {key} = {value!r}, expected {'an integer' if kind is int else 'a number'}"
-                      f" from {low} to {high:g}")
+            return key, (f"has {key} = {value!r}, expected "
+                         f"{'an integer' if kind is int else 'a number'} from {low} to {high:g}")
     shape = config["image_shape"]
     if not (isinstance(shape, list) and len(shape) == 3
             and all(isinstance(n, int) and not isinstance(n, bool) for n in shape)
             and shape[0] in (1, 3) and all(1 <= n <= MAX_IMAGE_SIDE for n in shape[1:])):
-        raise bad(f"has image_shape = {str(shape)[:60]}, expected [1 or 3, height, width] with "
-                  f"sides from 1 to {MAX_IMAGE_SIDE}")
+        return "image_shape", (f"has image_shape = {str(shape)[:60]}, expected [1 or 3, height, "
+                               f"width] with sides from 1 to {MAX_IMAGE_SIDE}")
     for key, choices in (("invconv", STEP_KINDS), ("coupling", COUPLINGS), ("dataset", DATASETS)):
         if config[key] not in choices:
-            raise bad(f"has {key} = {str(config[key])[:40]!r}, expected one of {', '.join(choices)}")
+            return key, (f"has {key} = {str(config[key])[:40]!r}, expected one of "
+                         f"{', '.join(choices)}")
     if config.get("recompute") not in (None, True, False):
-        raise bad(f"has recompute = {config['recompute']!r}, expected true or false")
+        return "recompute", f"has recompute = {config['recompute']!r}, expected true or false"
     if parameter_bound(config) > MAX_PARAMETERS:
-        raise bad(f"describes a model of up to {parameter_bound(config):,} parameters (levels "
-                  f"{config['levels']}, steps {config['steps']}, hidden {config['hidden']}, k "
-                  f"{config['k']}); this code loads at most {MAX_PARAMETERS:,}")
+        return None, (f"describes a model of up to {parameter_bound(config):,} parameters (levels "
+                      f"{config['levels']}, steps {config['steps']}, hidden {config['hidden']}, "
+                      f"k {config['k']}); this code loads at most {MAX_PARAMETERS:,}")
+    return None
+
+
+def check_config(config, path):
+    """ValueError naming ``path`` and the key unless a checkpoint's config describes a model
+    this code can build within sane bounds (``config_problem``)."""
+    problem = config_problem(config)
+    if problem is not None:
+        raise ValueError(f"{path}: its config {problem[1]}; not a checkpoint train.run wrote, "
+                         f"or edited by hand")
 
 
 def build_flow(config):
