@@ -10,6 +10,7 @@ import pytest
 import scipy.linalg
 
 from bench.stability import draw_off_centre_taps, noisy_invconv
+import nfcore
 from nfcore import conditioning, reference
 from nfcore.conditioning import InverseAccuracyError, amplification, inverse_gain, is_well_conditioned
 from nfcore.flow import Flow
@@ -46,6 +47,19 @@ def test_inverse_gain_against_a_dense_solve():
     u = scipy.linalg.solve(reference.masked_conv_matrix(conv, 6, 6), v.ravel())
     assert inverse_gain(conv, shape) == pytest.approx(np.abs(u).max() / np.abs(v).max(), rel=1e-9)
     assert inverse_gain(conv, (12, 32, 32)) > 1e3 * inverse_gain(conv, shape)
+
+
+def test_inverse_gain_of_a_layer_with_a_bias():
+    """The published CInC conv adds a bias, so its inverse is M⁻¹(y − b); the gain is still that
+    of M⁻¹ alone (a large bias would otherwise pass for amplification)."""
+    conv = nfcore.CInCConv(k=3, channels=4, dtype=np.float64)
+    rng = np.random.default_rng(1)
+    conv.params["weight"][...] = rng.standard_normal(conv.params["weight"].shape) * 0.3
+    conv.params["bias"][...] = 100.0
+    shape = (4, 5, 6)
+    v = np.random.default_rng(0).standard_normal((1,) + shape)
+    u = scipy.linalg.solve(reference.masked_conv_matrix(conv, 5, 6), v.ravel())
+    assert inverse_gain(conv, shape) == pytest.approx(np.abs(u).max() / np.abs(v).max(), rel=1e-9)
 
 
 def noisy_flow(sigma, size=16):
