@@ -201,6 +201,122 @@ def block_solve(typingctx, acc, y, y_index, stride, w, w_index, w_stride, x, x_i
     return types.none(acc, y, y_index, stride, w, w_index, w_stride, x, x_index), codegen
 
 
+TILE_BYTES = 32     # the layout conversions' square tiles: 8×8 float32, 4×4 float64
+
+
+@intrinsic
+def tile_transpose(typingctx, src, src_index, src_stride, dst, dst_index, dst_stride):
+    """dst.flat[dst_index + q·dst_stride + r] = src.flat[src_index + r·src_stride + q] for
+    0 <= q, r < L = TILE_BYTES / itemsize (strides may be negative): L rows loaded as vectors,
+    transposed in registers by log2(L) rounds of two-vector shuffles (round h swaps the
+    off-diagonal h×h blocks of every 2h×2h block), L vectors stored."""
+    _contiguous_float(src, "tile_transpose src")
+    _contiguous_float(dst, "tile_transpose dst")
+    if src.dtype != dst.dtype:
+        raise errors.TypingError("tile_transpose: arrays of one dtype")
+
+    def codegen(context, builder, signature, args):
+        src_array, src_at, src_step, dst_array, dst_at, dst_step = args
+        src_type, dst_type = signature.args[0], signature.args[3]
+        lanes = TILE_BYTES * 8 // src_type.dtype.bitwidth
+        vector = ir.VectorType(context.get_value_type(src_type.dtype), lanes)
+        align = src_type.dtype.bitwidth // 8
+
+        def at(start, step, row):
+            return builder.add(start, builder.mul(step, ir.Constant(step.type, row)))
+
+        rows = [builder.load(_vector_pointer(context, builder, src_type, src_array,
+                                             at(src_at, src_step, r), vector), align=align)
+                for r in range(lanes)]
+        h = lanes // 2
+        while h >= 1:
+            first = [p if p % (2 * h) < h else lanes + p - h for p in range(lanes)]
+            second = [p + h if p % (2 * h) < h else lanes + p for p in range(lanes)]
+            mask_first = ir.Constant(ir.VectorType(ir.IntType(32), lanes), first)
+            mask_second = ir.Constant(ir.VectorType(ir.IntType(32), lanes), second)
+            for a in [r for r in range(lanes) if r % (2 * h) < h]:
+                b = a + h
+                rows[a], rows[b] = (builder.shuffle_vector(rows[a], rows[b], mask_first),
+                                    builder.shuffle_vector(rows[a], rows[b], mask_second))
+            h //= 2
+        for q in range(lanes):
+            builder.store(rows[q], _vector_pointer(context, builder, dst_type, dst_array,
+                                                   at(dst_at, dst_step, q), vector), align=align)
+        return context.get_dummy_value()
+    return types.none(src, src_index, src_stride, dst, dst_index, dst_stride), codegen
+
+
+# ---- the layout conversions, (B, C, H, W) <-> (G, H, W, Cg, B_padded), by tiles --------------
+
+@njit(parallel=True, cache=True)
+def to_groups(x, flips, B_padded):
+    """``cpu.to_groups`` (x C-contiguous, float32 or float64) by L×L tiles transposed in
+    registers; the ragged edges (W or B not a multiple of L) element by element. Parallel over
+    (channel, row)."""
+    B, C, H, W = x.shape
+    G = flips.shape[0]
+    Cg = C // G
+    L = TILE_BYTES // x.itemsize
+    out = np.empty((G, H, W, Cg, B_padded), dtype=x.dtype)
+    image_stride, column_stride = C * H * W, Cg * B_padded
+    for t in prange(C * H):
+        g = t // (Cg * H)
+        c = (t // H) % Cg
+        i = t % H
+        i_source = H - 1 - i if flips[g, 0] else i
+        channel = g * Cg + (Cg - 1 - c if flips[g, 2] else c)
+        flip_j = flips[g, 1] != 0
+        first = ((g * H + i) * W) * Cg + c          # out[g, i, 0, c, 0] / B_padded
+        for n0 in range(0, B - L + 1, L):
+            for j0 in range(0, W - L + 1, L):       # source columns j0 .. j0+L-1
+                j = W - 1 - j0 if flip_j else j0
+                tile_transpose(x, ((n0 * C + channel) * H + i_source) * W + j0, image_stride,
+                               out, (first + j * Cg) * B_padded + n0,
+                               -column_stride if flip_j else column_stride)
+        for n in range(B):
+            row = x[n, channel, i_source]
+            j_first = W - W % L if n < B - B % L else 0     # the tiles did the rest
+            for j_source in range(j_first, W):
+                j = W - 1 - j_source if flip_j else j_source
+                out[g, i, j, c, n] = row[j_source]
+        for j in range(W):
+            for n in range(B, B_padded):
+                out[g, i, j, c, n] = 0
+    return out
+
+
+@njit(parallel=True, cache=True)
+def from_groups(xg, flips, n_images):
+    """``cpu.from_groups`` (xg C-contiguous, float32 or float64) by L×L tiles, the ragged
+    edges element by element. Parallel over (channel, row)."""
+    G, H, W, Cg, B_padded = xg.shape
+    C = G * Cg
+    L = TILE_BYTES // xg.itemsize
+    out = np.empty((n_images, C, H, W), dtype=xg.dtype)
+    image_stride, column_stride = C * H * W, Cg * B_padded
+    for t in prange(C * H):
+        g = t // (Cg * H)
+        c = (t // H) % Cg
+        i = t % H
+        i_source = H - 1 - i if flips[g, 0] else i
+        c_source = Cg - 1 - c if flips[g, 2] else c
+        flip_j = flips[g, 1] != 0
+        first = ((g * H + i_source) * W) * Cg + c_source     # xg[g, i_source, 0, c_source, 0] / B_padded
+        for n0 in range(0, n_images - L + 1, L):
+            for j0 in range(0, W - L + 1, L):       # output columns j0 .. j0+L-1
+                j_source = W - 1 - j0 if flip_j else j0
+                tile_transpose(xg, (first + j_source * Cg) * B_padded + n0,
+                               -column_stride if flip_j else column_stride,
+                               out, ((n0 * C + g * Cg + c) * H + i) * W + j0, image_stride)
+        for n in range(n_images):
+            row = out[n, g * Cg + c, i]
+            j_first = W - W % L if n < n_images - n_images % L else 0
+            for j in range(j_first, W):
+                j_source = W - 1 - j if flip_j else j
+                row[j] = xg[g, i_source, j_source, c_source, n]
+    return out
+
+
 # ---- one block ------------------------------------------------------------------------------
 
 @njit(cache=True)
