@@ -329,7 +329,8 @@ def parse_args(argv=None):
     parser.add_argument("--figures", default="docs", help="folder of the figures and table")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--skip-training", action="store_true",
-                        help="measure and report the models already trained")
+                        help="measure and report the models already trained (without it, only "
+                             "the models with no result.json yet are trained)")
     parser.add_argument("--train-worker", metavar="INVCONV", help=argparse.SUPPRESS)
     parser.add_argument("--measure-worker", metavar="INVCONV", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -343,8 +344,10 @@ def main(argv=None):
         return train_worker(args) if args.train_worker else measure_worker(args)
     if not args.report_only:
         pairs = [(invconv, seed) for seed in args.seeds for invconv in args.invconv]
-        if not args.skip_training:
-            run_workers([worker_command(args, "train", *pair) for pair in pairs], args.parallel)
+        if not args.skip_training:       # a model already trained (its result.json) is kept
+            untrained = [pair for pair in pairs if not os.path.isfile(
+                os.path.join(run_folder(args.out, *pair), "result.json"))]
+            run_workers([worker_command(args, "train", *pair) for pair in untrained], args.parallel)
         run_workers([worker_command(args, "measure", *pair) for pair in pairs], 1)
     report(args)
 
