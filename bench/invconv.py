@@ -6,13 +6,20 @@
     python bench/invconv.py --gpu            # the CUDA kernels on CuPy arrays
     python bench/invconv.py --gpu --torch    # ... beside PyTorch's CUDA conv2d (cuDNN)
 
-Shapes are BxCxH (batch, channels, image size H = W), k = 3 unless --k. Every figure is the best
-of several runs, measured in this one process, so ratios compare like with like. Columns (ms):
+Shapes are BxCxH (batch, channels, image size H = W), k = 3 unless --k. Every call of a shape
+is timed in turn, one turn each per round, for --rounds rounds (default 7) in this one process:
+each figure is the median of its rounds, and each ratio the median [min-max] of the rounds' own
+ratios (calls seconds apart, under the same load; the machine's speed drifts by ±20%).
+Columns (ms):
 
     forward      InvConv.forward (layout conversion included), and its rate in GFLOP/s
                  (2·B·H·W·C²·k² flops: the masked entries counted as if they were computed)
-    inverse      InvConv.inverse, the schedule the kernels pick for the batch
-    inv/fwd      inverse / forward
+    kernel       the forward kernel alone (cpu.conv_forward: register-blocked), and its rate
+    plain        the plain CPU kernel (cpu.conv_forward_plain, every product added into
+                 memory), and plain/kern, its time over the blocked kernel's
+    inverse      InvConv.inverse, the schedule the kernels pick for the batch; inv/fwd, its
+                 time over the forward's
+    kern-inv     the wavefront inverse kernel alone (blocked); plain-inv the plain one
     diagonal     the kernel's anti-diagonal schedule (one barrier per anti-diagonal, H+W-1
                  parallel steps; what the inverse uses for small batches). On the GPU: one
                  kernel launch per anti-diagonal, against the inverse's one sweeping launch
@@ -22,8 +29,8 @@ of several runs, measured in this one process, so ratios compare like with like.
     finc         FInCUnit.forward at the same shape: four C/4 quarters, so a quarter of the
                  flops; finc GF/s is its rate, to compare with forward's
     torch        with --torch: PyTorch's conv2d (oneDNN; cuDNN with --gpu) on the same padded
-                 shape, same threads, and fwd/torch = torch time / forward time (> 1: nfcore
-                 faster)
+                 shape, same threads; torch/fwd = torch time / forward time and torch/kern =
+                 torch time / kernel time (> 1: nfcore faster)
     np-wave / np-raster   with --numpy-loops: the NumPy reference solves (one vectorized step per
                  anti-diagonal / per pixel), the step-count ratio without compiled code
 
@@ -75,33 +82,77 @@ def make_layer(C, k, xp, dtype):
     return layer
 
 
-def bench_shape(B, C, H, k, xp, kernels, sync, numpy_loops, with_torch):
+def alternate(calls, rounds, sync=lambda: None, turn_seconds=0.02):
+    """Time the calls in turn, one turn each per round, for ``rounds`` rounds, after a warm-up
+    call of each: {name: per-call seconds, one per round}. A call shorter than ``turn_seconds``
+    is repeated within its turn (the same count every round). Ratios taken round by round
+    compare calls timed seconds apart, under the same load."""
+    repeats = {}
+    for name, call in calls.items():
+        call()
+        sync()
+        start = time.perf_counter()
+        call()
+        sync()
+        repeats[name] = max(1, int(turn_seconds / max(time.perf_counter() - start, 1e-6)))
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(repeats[name]):
+                call()
+            sync()
+            times[name].append((time.perf_counter() - start) / repeats[name])
+    return {name: np.array(t) for name, t in times.items()}
+
+
+def spread(values):
+    """(median, min, max) of an array."""
+    return float(np.median(values)), float(np.min(values)), float(np.max(values))
+
+
+def bench_shape(B, C, H, k, xp, kernels, sync, numpy_loops, with_torch, rounds):
     dtype = np.float32
     layer = make_layer(C, k, xp, dtype)
     x = xp.asarray(np.random.default_rng(1).standard_normal((B, C, H, H)), dtype=dtype)
     y, _ = layer.forward(x)
-    yg, wk = kernels.to_groups(y, layer._flips()), layer._kernel_weight(dtype)
+    xg, yg = kernels.to_groups(x, layer._flips()), kernels.to_groups(y, layer._flips())
+    wk = layer._kernel_weight(dtype)
     diagonal = kernels.diagonal_inverse if hasattr(kernels, "diagonal_inverse") \
         else kernels.wavefront_inverse_per_diagonal
-    row = {"shape": f"{B}x{C}x{H}"}
-
-    t = best_time(lambda: layer.forward(x), 5, sync)
-    row["forward"] = best_time(lambda: layer.forward(x), repeats_for(t), sync)
-    flops = 2 * B * H * H * C * C * k * k
-    row["gflops"] = flops / row["forward"] / 1e9
-    row["inverse"] = best_time(lambda: layer.inverse(y), repeats_for(row["forward"]), sync)
-    row["diagonal"] = best_time(lambda: diagonal(yg, wk), repeats_for(row["inverse"]), sync)
-    row["raster"] = best_time(lambda: kernels.raster_inverse(yg, wk), repeats_for(row["inverse"], most=5), sync)
-    row["backward"] = best_time(lambda: layer.backward(y, xp.ones(B, dtype)), repeats_for(row["forward"]), sync)
+    calls = {"forward": lambda: layer.forward(x),
+             "kernel": lambda: kernels.conv_forward(xg, wk),
+             "inverse": lambda: layer.inverse(y),
+             "kernel_inverse": lambda: kernels.wavefront_inverse(yg, wk),
+             "diagonal": lambda: diagonal(yg, wk),
+             "raster": lambda: kernels.raster_inverse(yg, wk),
+             "backward": lambda: layer.backward(y, xp.ones(B, dtype))}
+    if hasattr(kernels, "conv_forward_plain"):          # the CPU's plain (unblocked) kernels
+        calls["plain"] = lambda: kernels.conv_forward_plain(xg, wk)
+        calls["plain_inverse"] = lambda: kernels.wavefront_inverse_plain(yg, wk)
     if C % 4 == 0:
         finc = nfcore.FInCUnit(k=k, channels=C, dtype=dtype, seed=0)
-        finc.forward(x)
-        row["finc"] = best_time(lambda: finc.forward(x), repeats_for(row["forward"]), sync)
-        row["finc_gflops"] = flops / 4 / row["finc"] / 1e9
+        calls["finc"] = lambda: finc.forward(x)
     if with_torch:
         device = "cpu" if xp is np else "cuda"
-        row["torch"] = best_time(torch_conv2d(B, C, H, k, device), repeats_for(row["forward"]),
-                                 torch_sync(device))
+        calls["torch"] = torch_conv2d(B, C, H, k, device)
+    times = alternate(calls, rounds, sync)
+
+    flops = 2 * B * H * H * C * C * k * k
+    row = {"shape": f"{B}x{C}x{H}", "flops": flops}
+    row.update({name: float(np.median(t)) for name, t in times.items()})
+    row["gflops"] = flops / row["forward"] / 1e9
+    row["kernel_gflops"] = flops / row["kernel"] / 1e9
+    row["inv_fwd"] = spread(times["inverse"] / times["forward"])
+    if "plain" in times:
+        row["plain_gflops"] = flops / row["plain"] / 1e9
+        row["plain_kernel"] = spread(times["plain"] / times["kernel"])
+        row["plain_inverse_ratio"] = spread(times["plain_inverse"] / times["kernel_inverse"])
+    if "finc" in times:
+        row["finc_gflops"] = flops / 4 / row["finc"] / 1e9
+    if with_torch:
+        row["torch_fwd"] = spread(times["torch"] / times["forward"])
+        row["torch_kernel"] = spread(times["torch"] / times["kernel"])
     if numpy_loops:
         y_canonical = numpy_ref.to_groups(y, layer._flips())
         row["np_wave"] = best_time(lambda: numpy_ref.wavefront_inverse(y_canonical, wk), 2, sync)
@@ -177,6 +228,8 @@ def main(argv=None):
                              "64x12x64 on the CPU, 64x12x32 64x12x64 64x12x128 64x12x256 on the "
                              "GPU)")
     parser.add_argument("--k", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="alternating rounds per shape (default 7; at least 5 recommended)")
     parser.add_argument("--numpy-loops", action="store_true",
                         help="add the slow NumPy step loops (np-wave, np-raster)")
     parser.add_argument("--gpu", action="store_true", help="run the CUDA kernels on CuPy arrays")
@@ -213,24 +266,37 @@ def main(argv=None):
         import torch
         if not torch.cuda.is_available():
             parser.error("--gpu --torch needs a PyTorch built for CUDA that sees the GPU")
-    print(f"InvConv benchmark: k={k}, float32, {device}; best of several runs, ms")
-    header = (f"{'BxCxH':>9} {'forward':>8} {'GF/s':>6} {'inverse':>8} {'inv/fwd':>7} "
-              f"{'diagonal':>8} {'raster':>8} {'backward':>8} {'finc':>7} {'GF/s':>6}")
+    print(f"InvConv benchmark: k={k}, float32, {device}; median of {args.rounds} alternating "
+          f"rounds, ms (ratios: median [min-max] of the rounds' own ratios)")
+    header = (f"{'BxCxH':>9} {'forward':>8} {'GF/s':>6} {'kernel':>7} {'GF/s':>6} {'plain':>7} "
+              f"{'plain/kern':>16} {'inverse':>8} {'inv/fwd':>16} {'kern-inv':>8} "
+              f"{'plain-inv':>9} {'diagonal':>8} {'raster':>7} {'backward':>8} {'finc':>7} "
+              f"{'GF/s':>6}")
     if has_torch:
-        header += f" {'torch':>7} {'fwd/torch':>9}"
+        header += f" {'torch':>7} {'torch/fwd':>16} {'torch/kern':>16}"
     if numpy_loops:
         header += f" {'np-wave':>9} {'np-raster':>10} {'ratio':>6}"
     print(header)
+
+    def ratio(r):
+        return f"{r[0]:5.2f} [{r[1]:4.2f}-{r[2]:4.2f}]"
+
     for B, C, H in shapes:
-        r = bench_shape(B, C, H, k, xp, kernels, sync, numpy_loops, has_torch)
+        r = bench_shape(B, C, H, k, xp, kernels, sync, numpy_loops, has_torch, args.rounds)
         finc = (f"{r['finc'] * 1e3:7.2f} {r['finc_gflops']:6.1f}" if "finc" in r
                 else f"{'-':>7} {'-':>6}")
+        plain = (f"{r['plain'] * 1e3:7.2f} {ratio(r['plain_kernel']):>16}" if "plain" in r
+                 else f"{'-':>7} {'-':>16}")
+        plain_inverse = f"{r['plain_inverse'] * 1e3:9.2f}" if "plain" in r else f"{'-':>9}"
         line = (f"{r['shape']:>9} {r['forward'] * 1e3:8.2f} {r['gflops']:6.1f} "
-                f"{r['inverse'] * 1e3:8.2f} {r['inverse'] / r['forward']:7.2f} "
-                f"{r['diagonal'] * 1e3:8.2f} {r['raster'] * 1e3:8.2f} {r['backward'] * 1e3:8.2f} "
+                f"{r['kernel'] * 1e3:7.2f} {r['kernel_gflops']:6.1f} {plain} "
+                f"{r['inverse'] * 1e3:8.2f} {ratio(r['inv_fwd']):>16} "
+                f"{r['kernel_inverse'] * 1e3:8.2f} {plain_inverse} "
+                f"{r['diagonal'] * 1e3:8.2f} {r['raster'] * 1e3:7.2f} {r['backward'] * 1e3:8.2f} "
                 + finc)
         if has_torch:
-            line += f" {r['torch'] * 1e3:7.2f} {r['torch'] / r['forward']:9.2f}"
+            line += (f" {r['torch'] * 1e3:7.2f} {ratio(r['torch_fwd']):>16} "
+                     f"{ratio(r['torch_kernel']):>16}")
         if numpy_loops:
             line += (f" {r['np_wave'] * 1e3:9.1f} {r['np_raster'] * 1e3:10.1f} "
                      f"{r['np_raster'] / r['np_wave']:6.1f}")
