@@ -407,6 +407,9 @@ def test_blocked_cpu_kernels_match_plain_and_numpy(C, B, k, dtype, tol):
     dx = cpu_module.conv_input_grad(dy, w)
     close(dx, cpu_module.conv_input_grad_plain(dy, w))
     close(canonical(dx), numpy_ref.conv_input_grad(canonical(dy), w))
+    dw = cpu_module.conv_weight_grad(x, dy, k)
+    close(dw, cpu_module.conv_weight_grad_plain(x, dy, k))
+    close(dw, numpy_ref.conv_weight_grad(canonical(x), canonical(dy), k))
 
     x_plain = cpu_module.wavefront_inverse_plain(y, w)
     solves = [cpu_module.sweep_inverse(y, w), cpu_module.diagonal_inverse(y, w),
@@ -423,7 +426,7 @@ def test_blocked_cpu_kernels_give_each_image_the_same_bits(dtype):
     """Every image gets the same operations in the same order wherever it sits in the batch,
     whatever the chunk, block or thread that handles it: its result alone (B = 1, padded inside)
     is bit for bit its result in the batch, for the forward and both inverse schedules; and the
-    results do not depend on the number of threads."""
+    results (the weight gradient's too) do not depend on the number of threads."""
     import numba
     x, _, w = blocked_case(3, 37, 7, 3, dtype, seed=15, Hk=6, Wk=5)
     y = cpu_module.conv_forward(x, w)
@@ -434,12 +437,15 @@ def test_blocked_cpu_kernels_give_each_image_the_same_bits(dtype):
         for name, (kernel, a) in kernels.items():
             np.testing.assert_array_equal(kernel(np.ascontiguousarray(a[..., n:n + 1]), w),
                                           full[name][..., n:n + 1], err_msg=name)
+    dy = np.ascontiguousarray(y[::-1])
+    dw = cpu_module.conv_weight_grad(x, dy, 3)
     threads = numba.get_num_threads()
     try:
         for count in range(1, threads + 1):
             numba.set_num_threads(count)
             for name, (kernel, a) in kernels.items():
                 np.testing.assert_array_equal(kernel(a, w), full[name], err_msg=f"{name}, {count}")
+            np.testing.assert_array_equal(cpu_module.conv_weight_grad(x, dy, 3), dw)
     finally:
         numba.set_num_threads(threads)
 

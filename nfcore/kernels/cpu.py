@@ -374,7 +374,7 @@ def _weight_grad_partials(x, dy, k):
     return partial
 
 
-def conv_weight_grad(x, dy, k):
+def conv_weight_grad_plain(x, dy, k):
     """dw[g, a, b, ci, co] = sum_{n, i, j} x[g, i-(k-1)+a, j-(k-1)+b, ci, n] * dy[g, i, j, co, n].
 
     Sums over pixels for each image lane and chunk of LANE_CHUNK images (vectorized over
@@ -382,6 +382,20 @@ def conv_weight_grad(x, dy, k):
     number of threads. Returns (G, k, k, C_in, C_out).
     """
     partial = _weight_grad_partials(x, dy, int(k))
+    return partial.sum(axis=(3, 6))
+
+
+def conv_weight_grad(x, dy, k):
+    """``conv_weight_grad_plain`` with register blocks (``cpu_blocked.weight_grad_partials``:
+    3×3 (input, output) channel blocks of one 32-byte row of images summed over the pixels in
+    registers, stored once): the same per-lane sums over pixels in raster order, then over the
+    lanes and chunks of LANE_CHUNK images in a fixed order, so deterministic whatever the
+    number of threads. A batch not a multiple of LANES is padded with zero images (which add
+    nothing)."""
+    if not (_blockable(x, dy) and x.dtype == dy.dtype):
+        return conv_weight_grad_plain(x, dy, k)
+    xb, dyb = _in_whole_rows(x), _in_whole_rows(dy)
+    partial = cpu_blocked.weight_grad_partials(xb, dyb, int(k), min(xb.shape[-1], LANE_CHUNK))
     return partial.sum(axis=(3, 6))
 
 

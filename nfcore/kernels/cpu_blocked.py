@@ -43,7 +43,8 @@ from numba.extending import intrinsic, models, register_model
 
 BLOCK_BYTES = 64     # one row of a block: 16 float32 / 8 float64 lanes (2 AVX2 or 1 AVX-512 register)
 TAIL_BYTES = 32      # the tail rows: 8 float32 / 4 float64 lanes
-MAX_BLOCK_CHANNELS = 6
+MAX_BLOCK_CHANNELS = 6          # output channels of a block of 64-byte rows
+MAX_TAIL_BLOCK_CHANNELS = 12    # ... of 32-byte rows
 
 
 class Block(types.Type):
@@ -358,17 +359,18 @@ def _solve_block(x, y, w, g, i, j, co, n0, acc):
 # ---- one pixel: its channel blocks and its rows of images ------------------------------------
 
 @njit(inline="always")
-def _channel_blocks(C):
-    """(number of blocks, their base size, how many are one larger): ⌈C/6⌉ blocks of equal size
-    within one channel, the larger ones first."""
-    n_blocks = -(-C // MAX_BLOCK_CHANNELS)
+def _channel_blocks(C, most):
+    """(number of blocks, their base size, how many are one larger): ⌈C/most⌉ blocks of equal
+    size within one channel, the larger ones first."""
+    n_blocks = -(-C // most)
     return n_blocks, C // n_blocks, C % n_blocks
 
 
 @njit(inline="always")
 def _forward_row(y, x, w, g, i, j, n0, row_bytes):
-    """All output channels of pixel (i, j) for one row of images from n0, P channels a block."""
-    n_blocks, base, larger = _channel_blocks(w.shape[4])
+    """All output channels of pixel (i, j) for one 64-byte row of images from n0: blocks of
+    up to MAX_BLOCK_CHANNELS = 6 channels (12 AVX2 registers)."""
+    n_blocks, base, larger = _channel_blocks(w.shape[4], MAX_BLOCK_CHANNELS)
     co = np.int64(0)       # not the constant 0: a literal argument would compile its own copy
     for block in range(n_blocks):
         P = base + 1 if block < larger else base
@@ -388,13 +390,84 @@ def _forward_row(y, x, w, g, i, j, n0, row_bytes):
 
 
 @njit(inline="always")
+def _forward_tail_row(y, x, w, g, i, j, n0, row_bytes):
+    """``_forward_row`` for a 32-byte row (one AVX2 register per channel): blocks of up to
+    MAX_TAIL_BLOCK_CHANNELS = 12 channels, so that 8 or more independent chains of fused
+    multiply-adds hide their latency (4 cycles, 2 a cycle)."""
+    n_blocks, base, larger = _channel_blocks(w.shape[4], MAX_TAIL_BLOCK_CHANNELS)
+    co = np.int64(0)
+    for block in range(n_blocks):
+        P = base + 1 if block < larger else base
+        if P == 12:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 12, row_bytes))
+        elif P == 11:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 11, row_bytes))
+        elif P == 10:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 10, row_bytes))
+        elif P == 9:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 9, row_bytes))
+        elif P == 8:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 8, row_bytes))
+        elif P == 7:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 7, row_bytes))
+        elif P == 6:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 6, row_bytes))
+        elif P == 5:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 5, row_bytes))
+        elif P == 4:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 4, row_bytes))
+        elif P == 3:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 3, row_bytes))
+        elif P == 2:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 2, row_bytes))
+        else:
+            _forward_block(y, x, w, g, i, j, co, n0, block_zeros(x, 1, row_bytes))
+        co += P
+
+
+@njit(inline="always")
 def _solve_row(x, y, w, g, i, j, n0, row_bytes):
-    """Solve every channel of pixel (i, j) for one row of images from n0, block after block."""
-    n_blocks, base, larger = _channel_blocks(w.shape[4])
+    """Solve every channel of pixel (i, j) for one 64-byte row of images from n0, block after
+    block (up to 6 channels each)."""
+    n_blocks, base, larger = _channel_blocks(w.shape[4], MAX_BLOCK_CHANNELS)
     co = np.int64(0)       # not the constant 0: a literal argument would compile its own copy
     for block in range(n_blocks):
         P = base + 1 if block < larger else base
         if P == 6:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 6, row_bytes))
+        elif P == 5:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 5, row_bytes))
+        elif P == 4:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 4, row_bytes))
+        elif P == 3:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 3, row_bytes))
+        elif P == 2:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 2, row_bytes))
+        else:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 1, row_bytes))
+        co += P
+
+
+@njit(inline="always")
+def _solve_tail_row(x, y, w, g, i, j, n0, row_bytes):
+    """``_solve_row`` for a 32-byte row: blocks of up to 12 channels."""
+    n_blocks, base, larger = _channel_blocks(w.shape[4], MAX_TAIL_BLOCK_CHANNELS)
+    co = np.int64(0)
+    for block in range(n_blocks):
+        P = base + 1 if block < larger else base
+        if P == 12:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 12, row_bytes))
+        elif P == 11:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 11, row_bytes))
+        elif P == 10:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 10, row_bytes))
+        elif P == 9:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 9, row_bytes))
+        elif P == 8:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 8, row_bytes))
+        elif P == 7:
+            _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 7, row_bytes))
+        elif P == 6:
             _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 6, row_bytes))
         elif P == 5:
             _solve_block(x, y, w, g, i, j, co, n0, block_zeros(x, 5, row_bytes))
@@ -419,7 +492,7 @@ def _forward_pixel(y, x, w, g, i, j, n0, n1):
         _forward_row(y, x, w, g, i, j, n, BLOCK_BYTES)
         n += lanes
     while n + tail <= n1:
-        _forward_row(y, x, w, g, i, j, n, TAIL_BYTES)
+        _forward_tail_row(y, x, w, g, i, j, n, TAIL_BYTES)
         n += tail
 
 
@@ -432,7 +505,7 @@ def _solve_pixel(x, y, w, g, i, j, n0, n1):
         _solve_row(x, y, w, g, i, j, n, BLOCK_BYTES)
         n += lanes
     while n + tail <= n1:
-        _solve_row(x, y, w, g, i, j, n, TAIL_BYTES)
+        _solve_tail_row(x, y, w, g, i, j, n, TAIL_BYTES)
         n += tail
 
 
@@ -482,3 +555,187 @@ def diagonal_inverse(y, w):
             i = i_first + t % n_pixels
             _solve_pixel(x, y, w, g, i, d - i, np.int64(0), B)
     return x
+
+
+# ---- the weight gradient: an outer-product block per (tap, chunk of images) ---------------
+
+def _host_has_avx512():
+    try:
+        import llvmlite.binding as llvm
+        return bool(llvm.get_host_cpu_features().get("avx512f", False))
+    except Exception:                               # pragma: no cover - not x86, old llvmlite
+        return False
+
+
+# The weight gradient's rows: one register of images, 64 bytes with AVX-512 (32 registers: a
+# 3×3 block of 64-byte rows is 9 + 6 of them), else 32 bytes (AVX2: 9 + 6 of its 16); a batch
+# that leaves less than a 64-byte row ends with 32-byte rows. Every lane gets the same
+# operations whatever its row, so the results are the same on both kinds of machine.
+OUTER_ROW_BYTES = 64 if _host_has_avx512() else 32
+OUTER_TAIL_BYTES = 32
+MAX_OUTER_CHANNELS = 3  # a 3×3 block of (input, output) channels: 9 accumulators + 6 rows
+
+
+class OuterBlock(types.Type):
+    """Pi × Po vectors of NB lanes: the per-lane sums of x[ci] · dy[co] for a block of input
+    channels × a block of output channels, held in registers."""
+
+    def __init__(self, dtype, Pi, Po, NB):
+        self.dtype, self.Pi, self.Po, self.NB = dtype, Pi, Po, NB
+        super().__init__(name=f"nfcore.OuterBlock({dtype}, {Pi}, {Po}, {NB})")
+
+
+@register_model(OuterBlock)
+class _OuterBlockModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        vector = ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(), fe_type.NB)
+        super().__init__(dmm, fe_type, ir.ArrayType(vector, fe_type.Pi * fe_type.Po))
+
+
+@intrinsic
+def outer_zeros(typingctx, like, Pi, Po, row_bytes):
+    """An OuterBlock of zeros of ``like``'s dtype (Pi, Po, row_bytes constants)."""
+    _contiguous_float(like, "outer_zeros")
+    lanes = _literal(row_bytes, "row_bytes") * 8 // like.dtype.bitwidth
+    block_type = OuterBlock(like.dtype, _literal(Pi, "Pi"), _literal(Po, "Po"), lanes)
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(context.get_value_type(block_type), None)
+    return block_type(like, Pi, Po, row_bytes), codegen
+
+
+@intrinsic
+def outer_fma(typingctx, acc, x, x_index, x_stride, dy, dy_index, dy_stride):
+    """acc[p, q] += x.flat[x_index + p·x_stride : .. + NB] * dy.flat[dy_index + q·dy_stride :
+    .. + NB] for p < Pi, q < Po, fused: Pi + Po loads, Pi·Po fused multiply-adds."""
+    _contiguous_float(x, "outer_fma x")
+    _contiguous_float(dy, "outer_fma dy")
+    if not isinstance(acc, OuterBlock) or x.dtype != acc.dtype or dy.dtype != acc.dtype:
+        raise errors.TypingError("outer_fma: an OuterBlock and arrays of its dtype")
+
+    def codegen(context, builder, signature, args):
+        block_type = signature.args[0]
+        acc_value, x_array, x_at, x_step, dy_array, dy_at, dy_step = args
+        vector = _vector_type(context, block_type)
+        fma = _fma(builder, vector, block_type)
+        align = x.dtype.bitwidth // 8
+
+        def rows(array_type, array, start, step, count):
+            return [builder.load(_vector_pointer(
+                context, builder, array_type, array,
+                builder.add(start, builder.mul(step, ir.Constant(step.type, p))), vector),
+                align=align) for p in range(count)]
+
+        x_rows = rows(signature.args[1], x_array, x_at, x_step, block_type.Pi)
+        dy_rows = rows(signature.args[4], dy_array, dy_at, dy_step, block_type.Po)
+        for p in range(block_type.Pi):
+            for q in range(block_type.Po):
+                slot = p * block_type.Po + q
+                total = builder.call(fma, [x_rows[p], dy_rows[q],
+                                           builder.extract_value(acc_value, slot)])
+                acc_value = builder.insert_value(acc_value, total, slot)
+        return acc_value
+    return acc(acc, x, x_index, x_stride, dy, dy_index, dy_stride), codegen
+
+
+@intrinsic
+def outer_store(typingctx, acc, out, index, p_stride, q_stride):
+    """out.flat[index + p·p_stride + q·q_stride : .. + NB] = acc[p, q]."""
+    _contiguous_float(out, "outer_store out")
+    if not isinstance(acc, OuterBlock) or out.dtype != acc.dtype:
+        raise errors.TypingError("outer_store: an OuterBlock and an array of its dtype")
+
+    def codegen(context, builder, signature, args):
+        block_type = signature.args[0]
+        acc_value, out_array, at, p_step, q_step = args
+        vector = _vector_type(context, block_type)
+        for p in range(block_type.Pi):
+            for q in range(block_type.Po):
+                where = builder.add(builder.add(at, builder.mul(p_step, ir.Constant(p_step.type, p))),
+                                    builder.mul(q_step, ir.Constant(q_step.type, q)))
+                builder.store(builder.extract_value(acc_value, p * block_type.Po + q),
+                              _vector_pointer(context, builder, signature.args[1], out_array,
+                                              where, vector), align=out.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+    return types.none(acc, out, index, p_stride, q_stride), codegen
+
+
+@njit(cache=True)
+def _weight_grad_block(partial, x, dy, g, a, b, c, n0, ci, co, acc):
+    """partial[g, a, b, c, ci:ci+Pi, co:co+Po, lanes from n0 - c·chunk] = the sums over pixels,
+    in raster order, of x[g, i-(k-1)+a, j-(k-1)+b, ci.., n] · dy[g, i, j, co.., n], per lane.
+    ``acc``: an OuterBlock of zeros (its type gives Pi, Po and the lanes)."""
+    _, H, W, C_in, B = x.shape
+    C_out = dy.shape[3]
+    k, n_chunks, chunk = partial.shape[1], partial.shape[3], partial.shape[6]
+    for i in range(k - 1 - a, H):
+        for j in range(k - 1 - b, W):
+            x_at = (((g * H + i - (k - 1) + a) * W + j - (k - 1) + b) * C_in + ci) * B + n0
+            dy_at = (((g * H + i) * W + j) * C_out + co) * B + n0
+            acc = outer_fma(acc, x, x_at, B, dy, dy_at, B)
+    at = (((((g * k + a) * k + b) * n_chunks + c) * C_in + ci) * C_out + co) * chunk + n0 - c * chunk
+    outer_store(acc, partial, at, C_out * chunk, chunk)
+
+
+@njit(inline="always")
+def _weight_grad_outputs(partial, x, dy, g, a, b, c, n0, ci, Pi, row_bytes):
+    """The blocks of every output channel for the input channels ci .. ci+Pi-1."""
+    n_blocks, base, larger = _channel_blocks(dy.shape[3], MAX_OUTER_CHANNELS)
+    co = np.int64(0)
+    for block in range(n_blocks):
+        Po = base + 1 if block < larger else base
+        if Po == 3:
+            _weight_grad_block(partial, x, dy, g, a, b, c, n0, ci, co, outer_zeros(x, Pi, 3, row_bytes))
+        elif Po == 2:
+            _weight_grad_block(partial, x, dy, g, a, b, c, n0, ci, co, outer_zeros(x, Pi, 2, row_bytes))
+        else:
+            _weight_grad_block(partial, x, dy, g, a, b, c, n0, ci, co, outer_zeros(x, Pi, 1, row_bytes))
+        co += Po
+
+
+@njit(inline="always")
+def _weight_grad_row(partial, x, dy, g, a, b, c, n0, row_bytes):
+    """Every (input, output) channel block for the row of images from n0."""
+    n_blocks, base, larger = _channel_blocks(x.shape[3], MAX_OUTER_CHANNELS)
+    ci = np.int64(0)
+    for block in range(n_blocks):
+        Pi = base + 1 if block < larger else base
+        if Pi == 3:
+            _weight_grad_outputs(partial, x, dy, g, a, b, c, n0, ci, 3, row_bytes)
+        elif Pi == 2:
+            _weight_grad_outputs(partial, x, dy, g, a, b, c, n0, ci, 2, row_bytes)
+        else:
+            _weight_grad_outputs(partial, x, dy, g, a, b, c, n0, ci, 1, row_bytes)
+        ci += Pi
+
+
+@njit(cache=True)
+def _weight_grad_chunk(partial, x, dy, g, a, b, c, n0, n1):
+    """The images n0 <= n < n1 of chunk c (a multiple of 8): wide rows, then 32-byte ones."""
+    lanes, tail = OUTER_ROW_BYTES // x.itemsize, OUTER_TAIL_BYTES // x.itemsize
+    n = n0
+    while n + lanes <= n1:
+        _weight_grad_row(partial, x, dy, g, a, b, c, n, OUTER_ROW_BYTES)
+        n += lanes
+    if OUTER_ROW_BYTES != OUTER_TAIL_BYTES:
+        while n + tail <= n1:
+            _weight_grad_row(partial, x, dy, g, a, b, c, n, OUTER_TAIL_BYTES)
+            n += tail
+
+
+@njit(parallel=True, cache=True)
+def weight_grad_partials(x, dy, k, chunk):
+    """partial[g, a, b, c, ci, co, lane] = sum over pixels of x[.., ci, n] · dy[.., co, n] for
+    the image n = c·chunk + lane: ``cpu._weight_grad_partials`` with the register blocks (B
+    and chunk multiples of OUTER_ROW_BYTES / itemsize). Parallel over (group, tap, chunk)."""
+    G, H, W, C_in, B = x.shape
+    C_out = dy.shape[3]
+    n_chunks = -(-B // chunk)
+    partial = np.zeros((G, k, k, n_chunks, C_in, C_out, chunk), dtype=x.dtype)
+    for t in prange(G * k * k * n_chunks):
+        g = t // (k * k * n_chunks)
+        a = (t // (k * n_chunks)) % k
+        b = (t // n_chunks) % k
+        c = t % n_chunks
+        _weight_grad_chunk(partial, x, dy, g, a, b, c, c * chunk, min(B, (c + 1) * chunk))
+    return partial
