@@ -182,6 +182,33 @@ def contention(B, C, H, k, with_torch):
     return quiet, busy
 
 
+def fma_probe(seconds=0.2):
+    """GFLOP/s of a loop of nothing but register-held float32 fused multiply-adds (8 blocks of
+    64 bytes, cpu_blocked.block_fma on one L1-resident row), on all Numba threads: what the
+    machine gives right now (its peak on a quiet machine), to read the kernels' rates against
+    when the machine is shared."""
+    from nfcore.kernels.cpu_blocked import fma_probe_kernel
+    x, w = np.ones(16, np.float32), np.full(8, 1e-9, np.float32)
+    threads = numba.get_num_threads()
+    fma_probe_kernel(x, w, 10, threads)
+    steps = 1000
+    while True:
+        start = time.perf_counter()
+        fma_probe_kernel(x, w, steps, threads)
+        elapsed = time.perf_counter() - start
+        if elapsed > seconds / 4:
+            break
+        steps *= 4
+    best = min(_timed(lambda: fma_probe_kernel(x, w, steps, threads)) for _ in range(3))
+    return steps * threads * 8 * 16 * 2 / best / 1e9
+
+
+def _timed(call):
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 def torch_conv2d(B, C, H, k, device="cpu"):
     """A call of PyTorch's conv2d on the padded input (the same flops), float32, on ``device``
     ("cpu": as many threads as Numba; "cuda": cuDNN, its autotuner on)."""
@@ -281,6 +308,10 @@ def main(argv=None):
     def ratio(r):
         return f"{r[0]:5.2f} [{r[1]:4.2f}-{r[2]:4.2f}]"
 
+    if not args.gpu:
+        print(f"(FMA-only probe before the table: {fma_probe():.0f} GFLOP/s float32 on "
+              f"{numba.get_num_threads()} threads)", flush=True)
+
     for B, C, H in shapes:
         r = bench_shape(B, C, H, k, xp, kernels, sync, numpy_loops, has_torch, args.rounds)
         finc = (f"{r['finc'] * 1e3:7.2f} {r['finc_gflops']:6.1f}" if "finc" in r
@@ -301,6 +332,8 @@ def main(argv=None):
             line += (f" {r['np_wave'] * 1e3:9.1f} {r['np_raster'] * 1e3:10.1f} "
                      f"{r['np_raster'] / r['np_wave']:6.1f}")
         print(line + f"   (inverse error {r['error']:.1e})", flush=True)
+    if not args.gpu:
+        print(f"(FMA-only probe after the table: {fma_probe():.0f} GFLOP/s)", flush=True)
 
     if args.contention and not args.gpu:
         B, C, H = shapes[0]

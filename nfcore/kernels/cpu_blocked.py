@@ -739,3 +739,18 @@ def weight_grad_partials(x, dy, k, chunk):
         c = t % n_chunks
         _weight_grad_chunk(partial, x, dy, g, a, b, c, c * chunk, min(B, (c + 1) * chunk))
     return partial
+
+
+@njit(parallel=True, cache=True)
+def fma_probe_kernel(x, w, steps, threads):
+    """``steps`` rounds of 8 × 64-byte fused multiply-adds in registers in each of ``threads``
+    tasks on the Numba threads (8 independent chains on one row of x: nothing but the FMA
+    units): bench/invconv.py's probe of the rate the machine gives. Returns the sums, so that
+    nothing is optimized away."""
+    out = np.zeros((threads, 8 * x.shape[0]), dtype=x.dtype)
+    for t in prange(threads):
+        acc = block_zeros(x, 8, BLOCK_BYTES)
+        for _ in range(steps):
+            acc = block_fma(acc, x, 0, w, 0)
+        block_store(acc, out[t], 0, x.shape[0])
+    return out
