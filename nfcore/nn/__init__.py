@@ -16,6 +16,7 @@ from .conv2d import (Conv2d, check_channel_last, conv_backward_input_side, conv_
                      conv_forward_input_side, conv_forward_output_side, input_side_weight,
                      output_side_weight)
 from .conv2d_zero import Conv2dZero
-from .patches import col2im, col2im_numba, col2im_numpy, im2col, im2col_numba, im2col_numpy
+from .patches import (col2im, col2im_into, col2im_numba, col2im_numpy, im2col, im2col_into,
+                      im2col_numba, im2col_numpy)
 from .network import Network, channel_first, channel_last
 from .relu import ReLU

@@ -20,7 +20,8 @@ output pixel reads the k·k rows that hold it) the threads never write to the sa
 Two implementations of each, which the tests compare:
 
     im2col_numba, col2im_numba   Numba kernels, parallel over image rows (n, i), no temporaries
-                                 in the loops: what NumPy arrays use
+                                 in the loops: what NumPy arrays use (im2col_into and
+                                 col2im_into write into a given array: conv2d.py's blocks)
     im2col_numpy, col2im_numpy   plain array code, k·k strided slice copies: the reference, and
                                  what CuPy arrays use
 
@@ -33,11 +34,11 @@ from ..backend import get_array_module, is_cupy_array
 
 
 @njit(parallel=True, cache=True)
-def im2col_numba(x, k):
-    """(B, H, W, C) -> cols (B·H·W, k·k·C); parallel over the B·H image rows."""
+def im2col_into(x, k, cols):
+    """cols (B·H·W, k·k·C) = the patch matrix of x (B, H, W, C), written into a given array
+    (a block's buffer, reused: see conv2d.py's blocking); parallel over the B·H image rows."""
     B, H, W, C = x.shape
     p = k // 2
-    cols = np.empty((B * H * W, k * k * C), dtype=x.dtype)
     for row in prange(B * H):
         n = row // H
         i = row % H
@@ -58,16 +59,18 @@ def im2col_numba(x, k):
 
 
 @njit(parallel=True, cache=True)
-def col2im_numba(cols, B, H, W, k):
-    """cols (B·H·W, k·k·C) -> x (B, H, W, C), overlapping patches summed; parallel over rows."""
-    C = cols.shape[1] // (k * k)
+def col2im_into(cols, x, k):
+    """x (B, H, W, C) = col2im(cols), written into a given array (a slice of a larger output:
+    see conv2d.py's blocking); parallel over the B·H image rows."""
+    B, H, W, C = x.shape
     p = k // 2
-    x = np.zeros((B, H, W, C), dtype=cols.dtype)
     for row in prange(B * H):
         n = row // H
         i = row % H
         for j in range(W):
             pixel = x[n, i, j]                       # C values, summed over the k·k patches
+            for c in range(C):
+                pixel[c] = 0
             for a in range(k):
                 ii = i + p - a                       # the patch centred at (ii, jj) holds (i, j)
                 if ii < 0 or ii >= H:                # at tap (a, b)
@@ -81,6 +84,18 @@ def col2im_numba(cols, B, H, W, k):
                     for c in range(C):
                         pixel[c] += source[start + c]
     return x
+
+
+def im2col_numba(x, k):
+    """(B, H, W, C) -> cols (B·H·W, k·k·C), a new array (the Numba kernel im2col_into)."""
+    B, H, W, C = x.shape
+    return im2col_into(x, k, np.empty((B * H * W, k * k * C), dtype=x.dtype))
+
+
+def col2im_numba(cols, B, H, W, k):
+    """cols (B·H·W, k·k·C) -> x (B, H, W, C), a new array, overlapping patches summed."""
+    C = cols.shape[1] // (k * k)
+    return col2im_into(cols, np.empty((B, H, W, C), dtype=cols.dtype), k)
 
 
 def im2col_numpy(x, k):
