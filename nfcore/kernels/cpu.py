@@ -387,16 +387,16 @@ def conv_weight_grad_plain(x, dy, k):
 
 def conv_weight_grad(x, dy, k):
     """``conv_weight_grad_plain`` with register blocks (``cpu_blocked.weight_grad_partials``:
-    3×3 (input, output) channel blocks of one 32-byte row of images summed over the pixels in
-    registers, stored once): the same per-lane sums over pixels in raster order, then over the
-    lanes and chunks of LANE_CHUNK images in a fixed order, so deterministic whatever the
-    number of threads. A batch not a multiple of LANES is padded with zero images (which add
-    nothing)."""
+    3×3 (input, output) channel blocks of one register of images summed over tiles of pixels
+    in registers): per-lane sums over the pixels of bands of OUTER_BAND rows in raster order,
+    then over the bands, chunks of LANE_CHUNK images and lanes in a fixed order, so
+    deterministic whatever the number of threads. A batch not a multiple of LANES is padded
+    with zero images (which add nothing)."""
     if not (_blockable(x, dy) and x.dtype == dy.dtype):
         return conv_weight_grad_plain(x, dy, k)
     xb, dyb = _in_whole_rows(x), _in_whole_rows(dy)
     partial = cpu_blocked.weight_grad_partials(xb, dyb, int(k), min(xb.shape[-1], LANE_CHUNK))
-    return partial.sum(axis=(3, 6))
+    return partial.sum(axis=(1, 2, 7))
 
 
 def conv_input_grad(dy, w):

@@ -660,84 +660,135 @@ def outer_store(typingctx, acc, out, index, p_stride, q_stride):
     return types.none(acc, out, index, p_stride, q_stride), codegen
 
 
+@intrinsic
+def outer_load(typingctx, like, out, index, p_stride, q_stride):
+    """The OuterBlock of ``like``'s type read from out.flat[index + p·p_stride + q·q_stride :
+    .. + NB] (``outer_store``'s inverse)."""
+    _contiguous_float(out, "outer_load out")
+    if not isinstance(like, OuterBlock) or out.dtype != like.dtype:
+        raise errors.TypingError("outer_load: an OuterBlock and an array of its dtype")
+
+    def codegen(context, builder, signature, args):
+        block_type = signature.args[0]
+        _, out_array, at, p_step, q_step = args
+        vector = _vector_type(context, block_type)
+        value = ir.Constant(context.get_value_type(block_type), None)
+        for p in range(block_type.Pi):
+            for q in range(block_type.Po):
+                where = builder.add(builder.add(at, builder.mul(p_step, ir.Constant(p_step.type, p))),
+                                    builder.mul(q_step, ir.Constant(q_step.type, q)))
+                row = builder.load(_vector_pointer(context, builder, signature.args[1], out_array,
+                                                   where, vector), align=out.dtype.bitwidth // 8)
+                value = builder.insert_value(value, row, p * block_type.Po + q)
+        return value
+    return like(like, out, index, p_stride, q_stride), codegen
+
+
+OUTER_TILE = 8      # pixels of one image row summed per pass over the taps and channel blocks
+OUTER_BAND = 4      # image rows per task (and per partial sum) of the weight gradient
+
+
 @njit(cache=True)
-def _weight_grad_block(partial, x, dy, g, a, b, c, n0, ci, co, acc):
-    """partial[g, a, b, c, ci:ci+Pi, co:co+Po, lanes from n0 - c·chunk] = the sums over pixels,
-    in raster order, of x[g, i-(k-1)+a, j-(k-1)+b, ci.., n] · dy[g, i, j, co.., n], per lane.
-    ``acc``: an OuterBlock of zeros (its type gives Pi, Po and the lanes)."""
+def _weight_grad_block(partial, x, dy, g, band, c, a, b, n0, ci, co, i, j0, j1, acc):
+    """partial[g, band, c, a, b, ci:ci+Pi, co:co+Po, lanes from n0 - c·chunk] += the sums over
+    the pixels (i, j0 <= j < j1), in order, of x[g, i-(k-1)+a, j-(k-1)+b, ci.., n] · dy[g, i, j,
+    co.., n], per lane: read into registers, summed there, stored once. ``acc``: an OuterBlock
+    of zeros, whose type gives Pi, Po and the lanes."""
     _, H, W, C_in, B = x.shape
     C_out = dy.shape[3]
-    k, n_chunks, chunk = partial.shape[1], partial.shape[3], partial.shape[6]
-    for i in range(k - 1 - a, H):
-        for j in range(k - 1 - b, W):
-            x_at = (((g * H + i - (k - 1) + a) * W + j - (k - 1) + b) * C_in + ci) * B + n0
-            dy_at = (((g * H + i) * W + j) * C_out + co) * B + n0
-            acc = outer_fma(acc, x, x_at, B, dy, dy_at, B)
-    at = (((((g * k + a) * k + b) * n_chunks + c) * C_in + ci) * C_out + co) * chunk + n0 - c * chunk
+    n_bands, n_chunks, k, chunk = partial.shape[1], partial.shape[2], partial.shape[3], partial.shape[7]
+    at = ((((((g * n_bands + band) * n_chunks + c) * k + a) * k + b) * C_in + ci) * C_out + co) \
+        * chunk + n0 - c * chunk
+    acc = outer_load(acc, partial, at, C_out * chunk, chunk)
+    for j in range(j0, j1):
+        x_at = (((g * H + i - (k - 1) + a) * W + j - (k - 1) + b) * C_in + ci) * B + n0
+        dy_at = (((g * H + i) * W + j) * C_out + co) * B + n0
+        acc = outer_fma(acc, x, x_at, B, dy, dy_at, B)
     outer_store(acc, partial, at, C_out * chunk, chunk)
 
 
 @njit(inline="always")
-def _weight_grad_outputs(partial, x, dy, g, a, b, c, n0, ci, Pi, row_bytes):
+def _weight_grad_outputs(partial, x, dy, g, band, c, a, b, n0, ci, i, j0, j1, Pi, row_bytes):
     """The blocks of every output channel for the input channels ci .. ci+Pi-1."""
     n_blocks, base, larger = _channel_blocks(dy.shape[3], MAX_OUTER_CHANNELS)
     co = np.int64(0)
     for block in range(n_blocks):
         Po = base + 1 if block < larger else base
         if Po == 3:
-            _weight_grad_block(partial, x, dy, g, a, b, c, n0, ci, co, outer_zeros(x, Pi, 3, row_bytes))
+            _weight_grad_block(partial, x, dy, g, band, c, a, b, n0, ci, co, i, j0, j1,
+                               outer_zeros(x, Pi, 3, row_bytes))
         elif Po == 2:
-            _weight_grad_block(partial, x, dy, g, a, b, c, n0, ci, co, outer_zeros(x, Pi, 2, row_bytes))
+            _weight_grad_block(partial, x, dy, g, band, c, a, b, n0, ci, co, i, j0, j1,
+                               outer_zeros(x, Pi, 2, row_bytes))
         else:
-            _weight_grad_block(partial, x, dy, g, a, b, c, n0, ci, co, outer_zeros(x, Pi, 1, row_bytes))
+            _weight_grad_block(partial, x, dy, g, band, c, a, b, n0, ci, co, i, j0, j1,
+                               outer_zeros(x, Pi, 1, row_bytes))
         co += Po
 
 
 @njit(inline="always")
-def _weight_grad_row(partial, x, dy, g, a, b, c, n0, row_bytes):
-    """Every (input, output) channel block for the row of images from n0."""
+def _weight_grad_row(partial, x, dy, g, band, c, a, b, n0, i, j0, j1, row_bytes):
+    """Every (input, output) channel block of tap (a, b) for the row of images from n0, pixels
+    (i, j0..j1)."""
     n_blocks, base, larger = _channel_blocks(x.shape[3], MAX_OUTER_CHANNELS)
     ci = np.int64(0)
     for block in range(n_blocks):
         Pi = base + 1 if block < larger else base
         if Pi == 3:
-            _weight_grad_outputs(partial, x, dy, g, a, b, c, n0, ci, 3, row_bytes)
+            _weight_grad_outputs(partial, x, dy, g, band, c, a, b, n0, ci, i, j0, j1, 3, row_bytes)
         elif Pi == 2:
-            _weight_grad_outputs(partial, x, dy, g, a, b, c, n0, ci, 2, row_bytes)
+            _weight_grad_outputs(partial, x, dy, g, band, c, a, b, n0, ci, i, j0, j1, 2, row_bytes)
         else:
-            _weight_grad_outputs(partial, x, dy, g, a, b, c, n0, ci, 1, row_bytes)
+            _weight_grad_outputs(partial, x, dy, g, band, c, a, b, n0, ci, i, j0, j1, 1, row_bytes)
         ci += Pi
 
 
 @njit(cache=True)
-def _weight_grad_chunk(partial, x, dy, g, a, b, c, n0, n1):
-    """The images n0 <= n < n1 of chunk c (a multiple of 8): wide rows, then 32-byte ones."""
+def _weight_grad_task(partial, x, dy, g, band, c, n0, n1):
+    """Rows band·OUTER_BAND .. +OUTER_BAND of the image, images n0 <= n < n1 of chunk c (a
+    multiple of 8 of them), every tap: the pixels in raster order by tiles of OUTER_TILE of a
+    row, whose x and dy rows stay in cache while every tap and channel block passes over them;
+    in each, wide rows of images, then 32-byte ones. Each lane sums the band's pixels in
+    raster order whatever the tiles."""
+    _, H, W, _, _ = x.shape
+    k = partial.shape[3]
     lanes, tail = OUTER_ROW_BYTES // x.itemsize, OUTER_TAIL_BYTES // x.itemsize
-    n = n0
-    while n + lanes <= n1:
-        _weight_grad_row(partial, x, dy, g, a, b, c, n, OUTER_ROW_BYTES)
-        n += lanes
-    if OUTER_ROW_BYTES != OUTER_TAIL_BYTES:
-        while n + tail <= n1:
-            _weight_grad_row(partial, x, dy, g, a, b, c, n, OUTER_TAIL_BYTES)
-            n += tail
+    for i in range(band * OUTER_BAND, min(H, (band + 1) * OUTER_BAND)):
+        for t0 in range(0, W, OUTER_TILE):
+            for a in range(max(0, k - 1 - i), k):
+                for b in range(k):
+                    j0 = max(t0, k - 1 - b)
+                    j1 = min(W, t0 + OUTER_TILE)
+                    if j0 >= j1:
+                        continue
+                    n = n0
+                    while n + lanes <= n1:
+                        _weight_grad_row(partial, x, dy, g, band, c, a, b, n, i, j0, j1,
+                                         OUTER_ROW_BYTES)
+                        n += lanes
+                    if OUTER_ROW_BYTES != OUTER_TAIL_BYTES:
+                        while n + tail <= n1:
+                            _weight_grad_row(partial, x, dy, g, band, c, a, b, n, i, j0, j1,
+                                             OUTER_TAIL_BYTES)
+                            n += tail
 
 
 @njit(parallel=True, cache=True)
 def weight_grad_partials(x, dy, k, chunk):
-    """partial[g, a, b, c, ci, co, lane] = sum over pixels of x[.., ci, n] · dy[.., co, n] for
-    the image n = c·chunk + lane: ``cpu._weight_grad_partials`` with the register blocks (B
-    and chunk multiples of OUTER_ROW_BYTES / itemsize). Parallel over (group, tap, chunk)."""
+    """partial[g, band, c, a, b, ci, co, lane] = sum over the pixels of rows band·OUTER_BAND ..
+    +OUTER_BAND of x[g, i-(k-1)+a, j-(k-1)+b, ci, n] · dy[g, i, j, co, n] for the image
+    n = c·chunk + lane, in raster order: B and chunk multiples of 8. Parallel over (group,
+    band, chunk): a fixed split, so the sums do not depend on the number of threads."""
     G, H, W, C_in, B = x.shape
     C_out = dy.shape[3]
     n_chunks = -(-B // chunk)
-    partial = np.zeros((G, k, k, n_chunks, C_in, C_out, chunk), dtype=x.dtype)
-    for t in prange(G * k * k * n_chunks):
-        g = t // (k * k * n_chunks)
-        a = (t // (k * n_chunks)) % k
-        b = (t // n_chunks) % k
+    n_bands = -(-H // OUTER_BAND)
+    partial = np.zeros((G, n_bands, n_chunks, k, k, C_in, C_out, chunk), dtype=x.dtype)
+    for t in prange(G * n_bands * n_chunks):
+        g = t // (n_bands * n_chunks)
+        band = (t // n_chunks) % n_bands
         c = t % n_chunks
-        _weight_grad_chunk(partial, x, dy, g, a, b, c, c * chunk, min(B, (c + 1) * chunk))
+        _weight_grad_task(partial, x, dy, g, band, c, c * chunk, min(B, (c + 1) * chunk))
     return partial
 
 
