@@ -62,18 +62,20 @@ def random_network(C_in, C_out, hidden, rng):
 
 
 def conv_inputs(net, x):
-    """What the network's forward hands each of its convs (in whatever layout it uses)."""
+    """What the network's forward hands each of its convs (in whatever layout it uses). Every
+    conv's forward goes through its forward_linear (the hidden convs' bias is added in the fused
+    ReLU, Conv2dZero's in its fused scaling), so that is where the input is seen."""
     seen = {}
     for name in CONVS:
         conv = net.parts[name]
 
-        def capture(h, forward=conv.forward, name=name):
+        def capture(h, forward_linear=conv.forward_linear, name=name):
             seen[name] = h.copy()
-            return forward(h)
-        conv.forward = capture
+            return forward_linear(h)
+        conv.forward_linear = capture
     net.forward(x)
     for name in CONVS:
-        del net.parts[name].forward           # back to the class's method
+        del net.parts[name].forward_linear    # back to the class's method
     return seen
 
 
