@@ -3,6 +3,8 @@
     python bench/compare_flows.py                      # digits, 1150 steps each (50 epochs), seed 0
     python bench/compare_flows.py --seeds 0 1 2 --coupling affine quad    # the docs' table
     python bench/compare_flows.py --max-steps 300 --coupling quad
+    python bench/compare_flows.py --seeds 0 1 2 --coupling affine quad --report-only
+                                   # the table again from the runs' final.json (sampling re-timed)
 
 For each of finc, cinc, emerging and glow1x1, each coupling and each seed it trains with
 ``train.run`` (every other setting equal), then reports the parameter count, training time,
@@ -52,6 +54,9 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--invconv", nargs="+", default=list(STEP_KINDS), choices=STEP_KINDS)
     parser.add_argument("--out", default=os.path.join("runs", "compare"))
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: the table from the runs in --out that have a "
+                             "final.json (each model's sampling timed again)")
     parser.add_argument("extra", nargs=argparse.REMAINDER,
                         help="more train.run options after --, the same for every run")
     args = parser.parse_args(argv)
@@ -61,7 +66,10 @@ def main(argv=None):
     for coupling in args.coupling:
         for seed in args.seeds:
             for invconv in args.invconv:
-                rows.append(train_one(args, invconv, coupling, seed, extra))
+                if not args.report_only:
+                    rows.append(train_one(args, invconv, coupling, seed, extra))
+                elif (row := trained_row(args, invconv, coupling, seed)) is not None:
+                    rows.append(row)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "summary.json"), "w") as file:
         json.dump(rows, file, indent=2)
@@ -83,6 +91,20 @@ def train_one(args, invconv, coupling, seed, extra):
     return final
 
 
+def trained_row(args, invconv, coupling, seed):
+    """A run's final.json with its sampling timed now; None (and a note) when it has none."""
+    out = os.path.join(args.out, f"{invconv}-{coupling}-s{seed}")
+    try:
+        with open(os.path.join(out, "final.json")) as file:
+            final = json.load(file)
+    except FileNotFoundError:
+        print(f"note: {out} has no final.json (not trained, or interrupted): left out")
+        return None
+    final["sample100_s"] = sampling_time(os.path.join(out, "checkpoint.h5"))
+    final["seed"] = seed
+    return final
+
+
 def mean_spread(values, digits):
     """'mean ± half the range' (just the value for one seed)."""
     values = np.asarray(values, dtype=float)
@@ -94,12 +116,14 @@ def mean_spread(values, digits):
 def print_table(rows, args):
     seeds = ", ".join(map(str, args.seeds))
     print(f"\n{args.dataset}, {args.max_steps} steps, seeds {seeds} (mean ± half the range)")
-    print("| step | coupling | params | train s | test bpd | sample 100 (1 thread, T=0.7) s |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| step | coupling | seeds | params | train s | test bpd | sample 100 (1 thread, T=0.7) s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for coupling in args.coupling:
         for invconv in args.invconv:
             cell = [r for r in rows if r["invconv"] == invconv and r["coupling"] == coupling]
-            print(f"| {invconv} | {coupling} | {cell[0]['n_params']:,} "
+            if not cell:
+                continue
+            print(f"| {invconv} | {coupling} | {len(cell)} | {cell[0]['n_params']:,} "
                   f"| {mean_spread([r['train_time_s'] for r in cell], 0)} "
                   f"| {mean_spread([r['test_bpd'] for r in cell], 4)} "
                   f"| {mean_spread([r['sample100_s'] for r in cell], 3)} |")
