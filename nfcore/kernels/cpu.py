@@ -55,6 +55,8 @@ from . import cpu_blocked, input_grad_by_flips
 AXES = (0, 2, 3, 4, 1)
 MIN_SWEEP_LANES = 16  # fewest images per thread in the plain per-thread inverse
 MIN_BLOCKED_SWEEP_LANES = 8   # ... in the register-blocked one (a row of 8 is a whole register)
+DIAGONAL_MIN_FLOPS = 4e6      # average work per anti-diagonal below which the blocked inverse
+                              # sweeps on one thread rather than pay a barrier per diagonal
 LANES = 8            # float32 lanes of an AVX2 register: the batch axis is padded to a multiple
 LANE_CHUNK = 32      # images per chunk of the weight gradient (fixed: rounding independent of threads)
 
@@ -474,12 +476,26 @@ def diagonal_inverse(y, w):
     return _first_images(x, y.shape[-1])
 
 
+def _diagonal_pays(y, w):
+    """Is there enough work per anti-diagonal (DIAGONAL_MIN_FLOPS on average) for the
+    anti-diagonal schedule's barrier to pay?"""
+    G, H, W, C, B = y.shape
+    k = w.shape[1]
+    flops = 2.0 * G * H * W * max(B, LANES) * k * k * C * C
+    return flops / (H + W - 1) >= DIAGONAL_MIN_FLOPS
+
+
 def wavefront_inverse(y, w):
     """x such that conv_forward(x, w) == y, with the schedule that suits the batch: the
     per-thread sweep when the (group, image chunk) pieces fill the threads, else the
-    anti-diagonal sweep (see the module docstring); register-blocked, so chunks of 8 images
+    anti-diagonal sweep if each diagonal has enough work for its barrier to pay
+    (``_diagonal_pays``), else the sweep on one thread. Register-blocked, so chunks of 8 images
     are as fast per image as longer ones (MIN_BLOCKED_SWEEP_LANES): on 2 threads a batch of 16
-    is swept as two chunks of 8 with no barrier, where the plain kernels take the diagonals."""
-    if _fills_threads(y.shape[0], y.shape[4], MIN_BLOCKED_SWEEP_LANES):
+    is swept as two chunks of 8 with no barrier, where the plain kernels take the diagonals.
+    And a blocked pixel is so quick that a small batch's diagonal is over in microseconds:
+    under load (2 cores busy with another job) the diagonal schedule took 3-14× as long as one
+    thread sweeping alone (B = 1 and 8, C = 12, 16×16 and 32×32; B = 1, C = 48, 16×16: 3×)."""
+    if (_fills_threads(y.shape[0], y.shape[4], MIN_BLOCKED_SWEEP_LANES)
+            or not _diagonal_pays(y, w)):
         return sweep_inverse(y, w)
     return diagonal_inverse(y, w)
