@@ -95,3 +95,37 @@ def test_no_gpu_is_one_line(capsys):
     kind, line = outcome(capsys, lambda args: nfcore.set_backend("gpu"))
     nfcore.set_backend("cpu")
     assert kind == "line" and "the GPU backend needs CuPy" in line
+
+
+def test_an_interrupt_inside_a_numba_kernel_is_still_an_interruption(capsys):
+    """A signal handler that raises inside a Numba call surfaces as a SystemError whose context
+    is the KeyboardInterrupt (or cli.Terminated); the command line treats it as the interrupt:
+    one line and status 130 (143), not a bug's traceback."""
+    from train import cli
+
+    def interrupted_inside_a_kernel(args):
+        try:
+            raise cli.Terminated()
+        except KeyboardInterrupt:
+            raise SystemError("CPUDispatcher(<function im2col_into>) returned a result with an "
+                              "exception set")
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.run_command(interrupted_inside_a_kernel, None)
+    assert stopped.value.code == 143
+    assert capsys.readouterr().err.strip() == "terminated (SIGTERM)"
+
+
+def test_train_run_acts_on_a_signal_between_steps():
+    """In train.run a signal only asks for a stop, acted on at the start of the next step (a
+    handler that raised could raise inside a kernel)."""
+    import signal
+
+    from train import cli
+
+    with cli.stop_requests() as requested:
+        signal.raise_signal(signal.SIGTERM)              # noted, nothing raised here
+        assert requested == [signal.SIGTERM]
+        with pytest.raises(cli.Terminated):
+            cli.raise_requested_stop(requested)
+    cli.raise_requested_stop([])                          # none asked for: nothing

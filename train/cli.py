@@ -198,6 +198,50 @@ def signals_deferred(say=None, reraise=True):
         raise Terminated() if noted[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
+@contextlib.contextmanager
+def stop_requests():
+    """Inside, SIGINT and SIGTERM only note that a stop was asked for (the list yielded gets
+    the signal's number), and the code acts on it where it checks (``raise_requested_stop``):
+    train.run between steps, where it then says so in one line. A handler that
+    raised where the signal lands could raise inside a Numba kernel or its compiler, where the
+    exception comes out as a SystemError ("returned a result with an exception set") instead
+    of the KeyboardInterrupt the loop handles."""
+    requested = []
+    if not _in_main_thread():                  # only the main thread may set handlers
+        yield requested
+        return
+
+    def note(signum, frame):
+        requested.append(signum)
+
+    previous = {number: signal.signal(number, note) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
+def raise_requested_stop(requested):
+    """Raise the stop a signal asked for inside ``stop_requests`` (Terminated for SIGTERM,
+    KeyboardInterrupt for SIGINT); nothing when none was."""
+    if requested:
+        raise Terminated() if requested[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _interruption_behind(error):
+    """The KeyboardInterrupt (Ctrl-C, or Terminated) an exception was raised while handling, if
+    any: a signal handler that raises inside a Numba kernel or its compiler comes out as a
+    SystemError ("returned a result with an exception set") whose context is the interrupt."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def run_command(command, args):
     """``command(args)``; an expected failure becomes ``error: <one line>`` and exit status 1,
     Ctrl-C or SIGTERM one line and status 130 or 143 (module docstring)."""
@@ -211,6 +255,11 @@ def run_command(command, args):
         print(what, file=sys.stderr)
         raise SystemExit(status) from None
     except Exception as error:               # noqa: BLE001 -- sorted by is_expected
+        stop = _interruption_behind(error)
+        if stop is not None:                   # Ctrl-C / SIGTERM inside a Numba kernel
+            what, status = interruption(stop)
+            print(what, file=sys.stderr)
+            raise SystemExit(status) from None
         if not is_expected(error) or os.environ.get("NFCORE_TRACEBACK"):
             raise                              # a bug: its traceback
         print(f"error: {' '.join(describe(error).split())}", file=sys.stderr)

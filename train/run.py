@@ -46,7 +46,8 @@ from nfcore.optim import Adam
 from . import distributed
 from .files import lock_folder, remove_temporaries, write_all_atomically, write_atomically
 from .cli import (BLAS_THREADS_HELP, ArgumentParser, at_least, in_range, interruption,
-                  limit_blas_threads, positive_float, positive_int, run_command, signals_deferred)
+                  limit_blas_threads, positive_float, positive_int, raise_requested_stop,
+                  run_command, signals_deferred, stop_requests)
 from .images import save_bpd_plot
 from .monitor import RECON_THRESHOLD, check_reconstruction, reconstruction_batch
 from .session import (MODEL_KEYS, build_flow, config_problem, evaluate_bits_per_dim, load_flow,
@@ -518,57 +519,14 @@ class Run:
 
 def train_loop(run, time_budget=None):
     """Steps until run.max_steps (or the time budget): log every 10 steps, evaluate and
-    checkpoint every eval_every, sample every sample_every. Ctrl-C saves a checkpoint."""
-    config = run.config
-    bad_in_a_row, window = 0, []
+    checkpoint every eval_every, sample every sample_every. Ctrl-C or SIGTERM saves a checkpoint
+    at the step reached (the signal is acted on between steps, ``cli.stop_requests``)."""
     progress = tqdm(total=run.max_steps, initial=run.step, desc="train", unit="step",
                     dynamic_ncols=True, disable=None if run.writes else True)
     say = progress.write if run.writes else (lambda text: None)
     try:
-        while run.step < run.max_steps:
-            if time_budget and time.time() - run.started > time_budget:
-                say(f"time budget of {time_budget:.0f} s reached at step {run.step}")
-                break
-            tick = time.time()
-            x = run.batch(run.step)
-            try:
-                loss, grad_norm = run.train_step(x)
-                bad_in_a_row = 0
-            except (NonFiniteError, FloatingPointError, InverseAccuracyError) as error:
-                bad_in_a_row += 1
-                run.metrics.log({"step": run.step, "skipped": str(error)})
-                say(f"step {run.step}: skipped ({error})")
-                if bad_in_a_row >= MAX_BAD_STEPS:
-                    run.stop_for_bad_steps(bad_in_a_row)
-                run.step += 1
-                continue
-            run.step += 1
-            if config.get("guard") and run.step % GUARD_EVERY == 0:
-                run.guard(say)
-            window.append((loss, run.batches.batch_size / (time.time() - tick)))
-            progress.update(1)
-            progress.set_postfix(bpd=f"{loss:.3f}", img_s=f"{window[-1][1]:.0f}")
-            if run.step % 10 == 0 or run.step == run.max_steps:
-                losses, speeds = zip(*window)
-                record = {"step": run.step, "epoch": run.step / run.batches.steps_per_epoch,
-                          "train_bpd": float(np.mean(losses)),
-                          "lr": run.optimizer.learning_rate(), "grad_norm": float(grad_norm),
-                          "images_per_s": float(np.mean(speeds)),
-                          "time_s": time.time() - run.started}
-                if run.communicator is not None:    # rank 0's seconds in the Allreduce since the last
-                    record["allreduce_s"] = run.reducer.take_seconds()    # record (waits included)
-                run.metrics.log(record)
-                window = []
-            if run.step % config["eval_every"] == 0 and run.step < run.max_steps:
-                test_bpd = run.evaluate()
-                recon_error, warning = run.reconstruction()
-                run.metrics.log({"step": run.step, "test_bpd": test_bpd, "recon_error": recon_error})
-                say(f"step {run.step}: test bpd {test_bpd:.4f}, recon error {recon_error:.1e}")
-                run.checkpoint()
-                run.curve()
-                run.act_on_reconstruction(recon_error, warning, say)
-            if run.step % config["sample_every"] == 0:
-                run.samples(say)
+        with stop_requests() as requested:   # a signal is acted on between steps
+            train_steps(run, time_budget, progress, say, requested)
     except KeyboardInterrupt as stop:          # Ctrl-C, or SIGTERM (cli.Terminated)
         what, status = interruption(stop)
         say(f"{what} at step {run.step}: saving a checkpoint to resume from")
@@ -577,6 +535,58 @@ def train_loop(run, time_budget=None):
         raise SystemExit(status) from None
     finally:
         progress.close()
+
+
+def train_steps(run, time_budget, progress, say, requested):
+    """The steps of ``train_loop``; raises the stop a signal asked for (``requested``) at the
+    start of the next step."""
+    config = run.config
+    bad_in_a_row, window = 0, []
+    while run.step < run.max_steps:
+        raise_requested_stop(requested)
+        if time_budget and time.time() - run.started > time_budget:
+            say(f"time budget of {time_budget:.0f} s reached at step {run.step}")
+            break
+        tick = time.time()
+        x = run.batch(run.step)
+        try:
+            loss, grad_norm = run.train_step(x)
+            bad_in_a_row = 0
+        except (NonFiniteError, FloatingPointError, InverseAccuracyError) as error:
+            bad_in_a_row += 1
+            run.metrics.log({"step": run.step, "skipped": str(error)})
+            say(f"step {run.step}: skipped ({error})")
+            if bad_in_a_row >= MAX_BAD_STEPS:
+                run.stop_for_bad_steps(bad_in_a_row)
+            run.step += 1
+            continue
+        run.step += 1
+        if config.get("guard") and run.step % GUARD_EVERY == 0:
+            run.guard(say)
+        window.append((loss, run.batches.batch_size / (time.time() - tick)))
+        progress.update(1)
+        progress.set_postfix(bpd=f"{loss:.3f}", img_s=f"{window[-1][1]:.0f}")
+        if run.step % 10 == 0 or run.step == run.max_steps:
+            losses, speeds = zip(*window)
+            record = {"step": run.step, "epoch": run.step / run.batches.steps_per_epoch,
+                      "train_bpd": float(np.mean(losses)),
+                      "lr": run.optimizer.learning_rate(), "grad_norm": float(grad_norm),
+                      "images_per_s": float(np.mean(speeds)),
+                      "time_s": time.time() - run.started}
+            if run.communicator is not None:    # rank 0's seconds in the Allreduce since the last
+                record["allreduce_s"] = run.reducer.take_seconds()    # record (waits included)
+            run.metrics.log(record)
+            window = []
+        if run.step % config["eval_every"] == 0 and run.step < run.max_steps:
+            test_bpd = run.evaluate()
+            recon_error, warning = run.reconstruction()
+            run.metrics.log({"step": run.step, "test_bpd": test_bpd, "recon_error": recon_error})
+            say(f"step {run.step}: test bpd {test_bpd:.4f}, recon error {recon_error:.1e}")
+            run.checkpoint()
+            run.curve()
+            run.act_on_reconstruction(recon_error, warning, say)
+        if run.step % config["sample_every"] == 0:
+            run.samples(say)
 
 
 def finish(run):
