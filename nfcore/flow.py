@@ -262,7 +262,8 @@ class Flow:
                 f"sampling: the samples' estimated rounding error is {self.last_sample_error:.1e} "
                 f"(tolerance {tolerance:g}): the model's inverse amplifies rounding errors at "
                 f"{x.shape[2]}×{x.shape[3]}, so its samples are not what it defines (an "
-                f"ill-conditioned masked convolution)")
+                f"ill-conditioned masked convolution, or a coupling whose scale is near zero "
+                f"for some latents: a lower temperature, --scale-bound or --guard helps)")
         return x[:n]
 
     def _inverse_with_probes(self, z_top, temperature, rng):
