@@ -36,6 +36,8 @@ import numpy as np
 
 from nfcore.backend import to_numpy
 
+from .files import TEMPORARY_SUFFIX, fsync_folder
+
 FORMAT = "nfcore-checkpoint"
 FORMAT_VERSION = 2
 # The format version from which each step kind's layers have their present definition: version 2
@@ -93,7 +95,7 @@ def save_checkpoint(path, arrays, meta):
             file.flush()
             os.fsync(file.fileno())             # the bytes are on the disk before the rename
         os.replace(temporary, path)
-        _fsync_folder(folder)                   # and so is the rename
+        fsync_folder(folder)                   # and so is the rename
     except OSError as error:
         raise CheckpointWriteError(path, error) from error
     finally:
@@ -101,7 +103,6 @@ def save_checkpoint(path, arrays, meta):
             os.remove(temporary)
 
 
-TEMPORARY_SUFFIX = ".tmp"
 REASONS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
            errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file"}
@@ -131,20 +132,6 @@ def hdf5_image(arrays, meta_json):
         for name, array in arrays.items():
             file.create_dataset(name, data=array)
     return buffer.getvalue()
-
-
-def _fsync_folder(folder):
-    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        handle = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass          # some file systems refuse fsync on folders; the rename itself is done
-    finally:
-        os.close(handle)
 
 
 def remove_stale_temporaries(path):

@@ -104,10 +104,10 @@ def write_all_atomically(writers, binary=True):
             if os.path.exists(temporary):
                 os.remove(temporary)
     for folder in {os.path.dirname(os.path.abspath(path)) for path in writers}:
-        _fsync_folder(folder)
+        fsync_folder(folder)
 
 
-def _fsync_folder(folder):
+def fsync_folder(folder):
     """Make a rename in ``folder`` durable (a no-op where folders cannot be fsynced)."""
     try:
         handle = os.open(folder, os.O_RDONLY)
