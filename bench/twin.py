@@ -7,7 +7,8 @@
     python bench/twin.py --device cuda                    # nfcore on CuPy vs PyTorch CUDA
 
 What the twin is: a reference for nfcore's speed. It is Flow's architecture written the way a
-PyTorch user would write it: nn.Conv2d coupling networks, the masked k×k convolution as F.pad on
+PyTorch user would write it: nn.Conv2d coupling networks (in channels-last memory format,
+oneDNN's fastest at these shapes; --memory-format contiguous for NCHW), the masked k×k convolution as F.pad on
 its corner + masked weight + F.conv2d (as the FInC code does), its inverse a loop in PyTorch over
 anti-diagonals (over pixels for Emerging, as nfcore), autograd for the gradients,
 torch.optim.Adam with clip_grad_norm_. ``from_nfcore`` copies every parameter and layer state of
@@ -76,6 +77,11 @@ from nfcore.nn.conv2d_zero import LOGSCALE_FACTOR
 TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}  # of max |nfcore's array|
 TORCH_DTYPE = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}
 LOG_2PI = math.log(2 * math.pi)
+# The coupling networks' memory format. oneDNN's convolutions at the small preset's shapes, one
+# thread, 101 images, ms NCHW / channels-last: 6->64 3×3 16² 8.9 / 1.7, 64->64 1×1 16² 13.9 / 2.4,
+# 64->12 3×3 16² 4.9 / 4.5, the other levels' within 0.8-1.0× (docs/benchmarks.md, the twin).
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+MEMORY_FORMAT = "channels_last"
 
 
 # ---- the layers: forward(x) -> (y, logdet (B,)), inverse(y) -> x ------------------------------
@@ -294,15 +300,19 @@ class Conv2dZero(nn.Conv2d):
 
 
 class Network(nn.Module):
-    """The coupling network: conv3×3 → ReLU → conv1×1 → ReLU → Conv2dZero 3×3."""
+    """The coupling network: conv3×3 → ReLU → conv1×1 → ReLU → Conv2dZero 3×3, run in
+    ``memory_format`` (channels-last by default: oneDNN's direct convolutions are 1.1-8× faster
+    on it than on NCHW at the small model's shapes, see MEMORY_FORMAT)."""
 
     def __init__(self, in_channels, hidden, out_channels):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, hidden, 3, padding=1)
         self.conv2 = nn.Conv2d(hidden, hidden, 1)
         self.conv3 = Conv2dZero(hidden, out_channels)
+        self.memory_format = torch.contiguous_format
 
     def forward(self, x):
+        x = x.contiguous(memory_format=self.memory_format)
         return self.conv3(F.relu(self.conv2(F.relu(self.conv1(x), inplace=True)), inplace=True))
 
 
@@ -465,9 +475,10 @@ def twin_layer(layer):
     raise TypeError(f"no twin for the layer {type(layer).__name__}")
 
 
-def from_nfcore(flow, dtype=torch.float32, device="cpu"):
+def from_nfcore(flow, dtype=torch.float32, device="cpu", memory_format=MEMORY_FORMAT):
     """A TwinFlow on ``device`` with every parameter and fixed state (Conv1x1's perm and
-    sign_s) of ``flow`` (whose arrays may be NumPy or CuPy)."""
+    sign_s) of ``flow`` (whose arrays may be NumPy or CuPy), its coupling networks in
+    ``memory_format`` (a key of MEMORY_FORMATS): their inputs and 4-d weights."""
     twin = TwinFlow([twin_layer(layer) for layer in flow.layers], flow.top_shape).to(
         device=device, dtype=dtype)
     with torch.no_grad():
@@ -485,6 +496,10 @@ def from_nfcore(flow, dtype=torch.float32, device="cpu"):
             if isinstance(layer, nf.Conv1x1):
                 twin_layer_.perm.copy_(torch.from_numpy(to_numpy(layer.perm)))
                 twin_layer_.sign_s.copy_(torch.from_numpy(to_numpy(layer.sign_s)))
+    for module in twin.modules():
+        if isinstance(module, Network):
+            module.memory_format = MEMORY_FORMATS[memory_format]
+            module.to(memory_format=MEMORY_FORMATS[memory_format])
     return twin
 
 
@@ -582,12 +597,13 @@ def nfcore_backend(device):
         set_backend(before)
 
 
-def time_torch(preset, invconv, coupling, n_threads, sample, device="cpu"):
+def time_torch(preset, invconv, coupling, n_threads, sample, device="cpu",
+               memory_format=MEMORY_FORMAT):
     """torch's side, in this process: the twin of ``make_flow``'s flow, the same step (forward,
     backward, clip_grad_norm_, Adam) and sampling on one thread; seconds as ``time_nfcore``.
     device "cuda": the twin on the GPU, each timed call waiting for it (torch.cuda.synchronize)."""
     flow, x = make_flow(preset, invconv, coupling)
-    twin = from_nfcore(flow, torch.float32, device)
+    twin = from_nfcore(flow, torch.float32, device, memory_format)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     repeats, warm_up = repeats_of(preset)
     times = {}
@@ -615,7 +631,8 @@ def time_torch(preset, invconv, coupling, n_threads, sample, device="cpu"):
     return times
 
 
-def run_side(side, preset, invconv, coupling, n_threads, blas_threads, sample, device="cpu"):
+def run_side(side, preset, invconv, coupling, n_threads, blas_threads, sample, device="cpu",
+             memory_format=MEMORY_FORMAT):
     """Time one side in a fresh process (python -m bench.flow_timing for nfcore, this file's
     --torch-worker for torch): {"step_s", "sample_s"}."""
     if side == "nfcore":
@@ -623,7 +640,8 @@ def run_side(side, preset, invconv, coupling, n_threads, blas_threads, sample, d
                    str(blas_threads)]
     else:
         command = ["-m", "bench.twin", "--torch-worker", "--preset", preset, "--invconv",
-                   invconv, "--coupling", coupling, "--threads", str(n_threads)]
+                   invconv, "--coupling", coupling, "--threads", str(n_threads),
+                   "--memory-format", memory_format]
     command += ["--sample"] if sample else []
     command += ["--device", device] if device != "cpu" else []
     done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True)
@@ -633,7 +651,7 @@ def run_side(side, preset, invconv, coupling, n_threads, blas_threads, sample, d
 
 
 def benchmark(preset, invconv, coupling, n_threads, blas_threads, rounds, sample=True,
-              device="cpu"):
+              device="cpu", memory_format=MEMORY_FORMAT):
     """One row of the table: images/s of a training step and seconds to sample 100, both sides.
     The two sides take turns, ``rounds`` processes each (the machine's speed drifts by ±20%:
     taking turns exposes both to it alike); each figure is the median over the rounds, and each
@@ -643,7 +661,7 @@ def benchmark(preset, invconv, coupling, n_threads, blas_threads, rounds, sample
     for _ in range(1 if preset == "paper" else rounds):
         for side in ("nfcore", "torch"):
             times[side].append(run_side(side, preset, invconv, coupling, n_threads, blas_threads,
-                                        sample, device))
+                                        sample, device, memory_format))
     batch = PRESETS[preset]["batch"]
 
     def series(side, name):
@@ -711,6 +729,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="cpu (default), or cuda: nfcore on CuPy (the CUDA kernels) against "
                              "the twin on PyTorch CUDA, the agreement check included")
+    parser.add_argument("--memory-format", default=MEMORY_FORMAT, choices=MEMORY_FORMATS,
+                        help="the twin's coupling networks in channels-last (default: oneDNN's "
+                             "fastest at these shapes) or contiguous NCHW (the twin before it)")
     parser.add_argument("--torch-worker", action="store_true",
                         help="internal: time torch's side of one row in this process, print JSON")
     parser.add_argument("--sample", action="store_true", help="internal, with --torch-worker")
@@ -728,7 +749,7 @@ def main(argv=None):
         parser.error("--device cuda needs a PyTorch built for CUDA that sees a GPU")
     if args.torch_worker:
         print(json.dumps(time_torch(args.preset, args.invconv[0], args.coupling, args.threads,
-                                    args.sample, args.device)))
+                                    args.sample, args.device, args.memory_format)))
         return 0
 
     if not args.skip_check:
@@ -742,7 +763,7 @@ def main(argv=None):
     for invconv in args.invconv:
         rows.append(benchmark(args.preset, invconv, args.coupling, args.threads,
                               args.blas_threads, args.rounds, sample=not args.no_sample,
-                              device=args.device))
+                              device=args.device, memory_format=args.memory_format))
         print(f"  {args.preset} {invconv}: done", flush=True)
     print_table(rows, args.threads, args.blas_threads, args.device)
     return 0

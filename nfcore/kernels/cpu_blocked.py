@@ -639,6 +639,37 @@ def outer_fma(typingctx, acc, x, x_index, x_stride, dy, dy_index, dy_stride):
 
 
 @intrinsic
+def grid_fma(typingctx, acc, x, x_index, x_stride, w, w_index):
+    """acc[p, q] += x.flat[x_index + p·x_stride] · w.flat[w_index + q·NB : .. + NB] for p < Pi,
+    q < Po, fused: Po vector loads, Pi broadcast scalars, Pi·Po fused multiply-adds (the
+    coupling networks' direct convolution, nfcore/nn/conv2d_direct.py: Pi pixels' values of one
+    input channel times Po consecutive rows of its weights)."""
+    _contiguous_float(x, "grid_fma x")
+    _contiguous_float(w, "grid_fma w")
+    if not isinstance(acc, OuterBlock) or x.dtype != acc.dtype or w.dtype != acc.dtype:
+        raise errors.TypingError("grid_fma: an OuterBlock and arrays of its dtype")
+
+    def codegen(context, builder, signature, args):
+        block_type = signature.args[0]
+        acc_value, x_array, x_at, x_step, w_array, w_at = args
+        vector = _vector_type(context, block_type)
+        fma = _fma(builder, vector, block_type)
+        w_rows = [builder.load(_vector_pointer(context, builder, signature.args[4], w_array,
+                                               _offset(builder, w_at, q * block_type.NB), vector),
+                               align=w.dtype.bitwidth // 8) for q in range(block_type.Po)]
+        for p in range(block_type.Pi):
+            at = builder.add(x_at, builder.mul(x_step, ir.Constant(x_step.type, p)))
+            value = _broadcast(builder, builder.load(
+                _element_pointer(context, builder, signature.args[1], x_array, at)), vector)
+            for q in range(block_type.Po):
+                slot = p * block_type.Po + q
+                total = builder.call(fma, [value, w_rows[q], builder.extract_value(acc_value, slot)])
+                acc_value = builder.insert_value(acc_value, total, slot)
+        return acc_value
+    return acc(acc, x, x_index, x_stride, w, w_index), codegen
+
+
+@intrinsic
 def outer_store(typingctx, acc, out, index, p_stride, q_stride):
     """out.flat[index + p·p_stride + q·q_stride : .. + NB] = acc[p, q]."""
     _contiguous_float(out, "outer_store out")

@@ -55,6 +55,7 @@ import numpy as np
 
 from ..backend import default_array_module, get_array_module, is_cupy_array
 from ..layers.base import Layer, check_gradient
+from .conv2d_direct import conv2d_direct, conv2d_direct_input_grad, fills_its_rows
 from .patches import col2im, col2im_into, im2col, im2col_into
 
 # Blocking (NumPy arrays, Numba on one thread): the expanded matrix (im2col's cols, or the
@@ -71,6 +72,9 @@ from .patches import col2im, col2im_into, im2col, im2col_into
 # whole batch, as CuPy arrays always do).
 BLOCK_BYTES = 512 * 1024
 BLOCK_THREADS = 1
+# The direct convolution (conv2d_direct.py) for k > 1 where its output fills its SIMD rows
+# (``fills_its_rows``); False: the im2col products everywhere (their reference).
+DIRECT = True
 
 
 def input_side_weight(weight):
@@ -116,9 +120,9 @@ def conv_forward_input_side(x, weight):
     return y.reshape(B, H, W, O)
 
 
-def conv_backward_input_side(dy, x, weight):
+def conv_backward_input_side(dy, x, weight, input_grad=True):
     """(dx (B, H, W, C), dweight (O, C, k, k)): dweight = dy^T @ cols, dx = col2im(dy @ Wmat^T),
-    block by block (dweight summed over the blocks)."""
+    block by block (dweight summed over the blocks). dx None without ``input_grad``."""
     B, H, W, O = dy.shape
     C, k = weight.shape[1], weight.shape[2]
     dy = dy.reshape(B * H * W, O)
@@ -126,18 +130,19 @@ def conv_backward_input_side(dy, x, weight):
     n = images_per_block(x, k * k * C) if k > 1 else B
     if n >= B:
         dweight = (dy.T @ im2col(x, k)).reshape(O, k, k, C).transpose(0, 3, 1, 2)
-        dx = col2im(dy @ Wmat.T, x.shape, k)
+        dx = col2im(dy @ Wmat.T, x.shape, k) if input_grad else None
         return dx, dweight
     HW = H * W
     dW = np.zeros((O, k * k * C), dtype=x.dtype)
-    dx = np.empty(x.shape, dtype=x.dtype)
+    dx = np.empty(x.shape, dtype=x.dtype) if input_grad else None
     buffer = np.empty((n * HW, k * k * C), dtype=x.dtype)
     expanded = np.empty_like(buffer)
     for lo, hi in _blocks(B, n):
         rows = slice(lo * HW, hi * HW)
         cols = im2col_into(x[lo:hi], k, buffer[:(hi - lo) * HW])
         dW += dy[rows].T @ cols
-        col2im_into(np.matmul(dy[rows], Wmat.T, out=expanded[:(hi - lo) * HW]), dx[lo:hi], k)
+        if input_grad:
+            col2im_into(np.matmul(dy[rows], Wmat.T, out=expanded[:(hi - lo) * HW]), dx[lo:hi], k)
     return dx, dW.reshape(O, k, k, C).transpose(0, 3, 1, 2)
 
 
@@ -158,9 +163,9 @@ def conv_forward_output_side(x, weight):
     return y
 
 
-def conv_backward_output_side(dy, x, weight):
+def conv_backward_output_side(dy, x, weight, input_grad=True):
     """(dx, dweight): dZ = im2col(dy), dV = x^T @ dZ, dx = dZ @ V^T, block by block (dV summed
-    over the blocks)."""
+    over the blocks). dx None without ``input_grad``."""
     B, H, W, C = x.shape
     O, k = weight.shape[0], weight.shape[2]
     x2 = x.reshape(B * H * W, C)
@@ -169,18 +174,19 @@ def conv_backward_output_side(dy, x, weight):
     if n >= B:
         dZ = im2col(dy, k)                                      # (B·H·W, k·k·O)
         dV = x2.T @ dZ                                          # dV[c, (a, b, o)]
-        dx = (dZ @ V.T).reshape(B, H, W, C)
+        dx = (dZ @ V.T).reshape(B, H, W, C) if input_grad else None
     else:
         HW = H * W
         dV = np.zeros((C, k * k * O), dtype=x.dtype)
-        dx = np.empty((B * HW, C), dtype=x.dtype)
+        dx = np.empty((B * HW, C), dtype=x.dtype) if input_grad else None
         buffer = np.empty((n * HW, k * k * O), dtype=x.dtype)
         for lo, hi in _blocks(B, n):
             rows = slice(lo * HW, hi * HW)
             dZ = im2col_into(dy[lo:hi], k, buffer[:(hi - lo) * HW])
             dV += x2[rows].T @ dZ
-            np.matmul(dZ, V.T, out=dx[rows])
-        dx = dx.reshape(B, H, W, C)
+            if input_grad:
+                np.matmul(dZ, V.T, out=dx[rows])
+        dx = dx.reshape(B, H, W, C) if input_grad else None
     dweight = dV.reshape(C, k, k, O)[:, ::-1, ::-1, :].transpose(3, 0, 1, 2)   # V's layout undone
     return dx, dweight
 
@@ -247,6 +253,11 @@ class Conv2d(Layer):
         """True: expand the input side (k·k·C columns), else the output side (k·k·O)."""
         return self.channels <= self.out_channels
 
+    def _direct(self, x, n_out):
+        """True: the direct convolution (conv2d_direct.py) for an output of ``n_out`` channels
+        from x; else the im2col products (CuPy arrays, 1×1 convolutions, narrow outputs)."""
+        return DIRECT and self.k > 1 and not is_cupy_array(x) and fills_its_rows(n_out, x.itemsize)
+
     def forward_linear(self, x):
         """The convolution of x (B, H, W, C) without the bias: a fresh array y (B, H, W, O),
         which the caller may change in place (Network adds the bias inside its fused ReLU,
@@ -257,7 +268,9 @@ class Conv2d(Layer):
             self._build(x.shape[3], xp, self.dtype or x.dtype)
         x = xp.ascontiguousarray(x)
         weight = self.params["weight"].astype(x.dtype, copy=False)
-        if self._expand_input():
+        if self._direct(x, self.out_channels):
+            y = conv2d_direct(x, weight)
+        elif self._expand_input():
             y = conv_forward_input_side(x, weight)
         else:
             y = conv_forward_output_side(x, weight)
@@ -278,10 +291,13 @@ class Conv2d(Layer):
         check_gradient(dy, None if x is None else x.shape[:3] + (self.out_channels,))
         dy = get_array_module(x).ascontiguousarray(dy, dtype=x.dtype)
         weight = self.params["weight"].astype(x.dtype, copy=False)
+        direct = self._direct(x, self.channels)
         if self._expand_input():
-            dx, dweight = conv_backward_input_side(dy, x, weight)
+            dx, dweight = conv_backward_input_side(dy, x, weight, input_grad=not direct)
         else:
-            dx, dweight = conv_backward_output_side(dy, x, weight)
+            dx, dweight = conv_backward_output_side(dy, x, weight, input_grad=not direct)
+        if direct:
+            dx = conv2d_direct_input_grad(dy, weight)
         self.grads["weight"] += dweight
         return dx
 
