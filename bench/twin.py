@@ -11,12 +11,12 @@ PyTorch user would write it: nn.Conv2d coupling networks (in channels-last memor
 oneDNN's fastest at these shapes; --memory-format contiguous for NCHW), the masked k×k
 convolution as F.pad on its corner + masked weight + F.conv2d (as the FInC code does), its
 inverse a loop in PyTorch over anti-diagonals (over pixels for Emerging, as nfcore), autograd
-for the gradients, torch.optim.Adam with clip_grad_norm_. ``from_nfcore`` copies every parameter and layer state of
-an nfcore Flow (after its ActNorm initialization). Before timing anything, both are checked to
-compute the same thing: log p per sample, every latent, every parameter gradient of the mean
-bits/dim, and decode from the same latents, to 1e-10 (float64) or 1e-4 (float32) of the largest
-value of nfcore's array, on small models of every step kind with both couplings; the run stops
-with exit status 1 otherwise.
+for the gradients, torch.optim.Adam with clip_grad_norm_. ``from_nfcore`` copies every parameter
+and layer state of an nfcore Flow (after its ActNorm initialization). Before timing anything,
+both are checked to compute the same thing: log p per sample, every latent, every parameter
+gradient of the mean bits/dim, and decode from the same latents, to 1e-10 (float64) or 1e-4
+(float32) of the largest value of nfcore's array, on small models of every step kind with both
+couplings; the run stops with exit status 1 otherwise.
 
 What it is not: a second implementation to use. No checkpoints, data sets, warm-up schedule or
 EMA; nothing in nfcore imports torch (install it with pip install -e .[bench]). With --device
