@@ -129,3 +129,18 @@ def test_train_run_acts_on_a_signal_between_steps():
         with pytest.raises(cli.Terminated):
             cli.raise_requested_stop(requested)
     cli.raise_requested_stop([])                          # none asked for: nothing
+
+
+def test_an_own_check_of_the_module_run_with_dash_m_is_one_line(tmp_path):
+    """``python -m train.run`` runs train/run.py as __main__: a ValueError of its own checks
+    (--out naming a file) is still one line and exit status 1, as when main() is called from
+    train.run (the module's name is read from __spec__ then)."""
+    import subprocess
+    import sys
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    done = subprocess.run([sys.executable, "-m", "train.run", "--out", str(a_file), "--steps",
+                           "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: --out {a_file} is a file, not a folder"]

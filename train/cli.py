@@ -130,7 +130,17 @@ def _raised_in(error):
         return None
     while frames.tb_next is not None:
         frames = frames.tb_next
-    return _package(frames.tb_frame.f_globals.get("__name__"))
+    return _package(_module_name(frames.tb_frame.f_globals))
+
+
+def _module_name(module_globals):
+    """The module's own name, also for the one run as ``python -m train.run``: its __name__ is
+    then "__main__", its __spec__.name "train.run"."""
+    name = module_globals.get("__name__")
+    spec = module_globals.get("__spec__")
+    if name == "__main__" and spec is not None and spec.name:
+        return spec.name
+    return name
 
 
 def is_expected(error):
