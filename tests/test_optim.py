@@ -239,3 +239,27 @@ def test_layers_whose_parameters_are_built_on_first_use():
     again = Adam([conv], lr=0.01, ema_decay=0.5)
     again.load_state_dict(state)
     np.testing.assert_array_equal(again.m["0/weight"], optimizer.m["0/weight"])
+
+
+def test_the_fused_update_is_its_numpy_reference():
+    """adam_update_numba (one pass, the NumPy parameters' path) gives exactly what the
+    whole-array adam_update_numpy gives in float64; in float32 it rounds once per stored value
+    from float64 arithmetic, so it agrees with the float64 reference to float32 rounding."""
+    from nfcore.optim import adam_update_numba, adam_update_numpy
+    rng = np.random.default_rng(11)
+    settings = (0.7, 1e-3, 0.9, 0.999, 1 - 0.9 ** 3, 1 - 0.999 ** 3, 1e-8)
+    param, grad = rng.standard_normal((2, 300))
+    m = rng.standard_normal(300) * 0.1
+    v = rng.random(300) * 0.01
+    for dtype in (np.float64, np.float32):
+        arrays = [a.astype(dtype) for a in (param, grad, m, v)]
+        expected = [a.astype(np.float64) for a in arrays]     # the same (rounded) inputs
+        adam_update_numba(*arrays, *settings)
+        adam_update_numpy(np, *expected, *settings)
+        for got, want in zip(arrays, expected):
+            if dtype == np.float64:
+                np.testing.assert_array_equal(got, want)
+            else:
+                rounding = 4 * np.finfo(np.float32).eps * (np.abs(want) + 1e-3)
+                assert np.all(np.abs(got - want) <= rounding)
+        assert not np.array_equal(arrays[0], param.astype(dtype))          # it moved
