@@ -501,3 +501,17 @@ def test_tiled_layout_conversions_match_the_plain_ones(B, C, H, W, G, dtype):
     transposed = np.asfortranarray(x)                         # not C-contiguous: copied first
     np.testing.assert_array_equal(cpu_module.to_groups(transposed, flips),
                                   cpu_module.to_groups_plain(x, flips))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_partial_sums_of_the_weight_gradient_add_up_as_numpy_does(dtype):
+    """cpu_blocked.sum_partials (bands, chunks and lanes summed in float64, a fixed order)
+    against NumPy's float64 sum of the same partials, to the partials' own rounding."""
+    from nfcore.kernels import cpu_blocked
+    rng = np.random.default_rng(21)
+    partial = rng.standard_normal((2, 3, 2, 3, 3, 5, 4, 32)).astype(dtype)
+    expected = partial.astype(np.float64).sum(axis=(1, 2, 7))
+    got = cpu_blocked.sum_partials(partial)
+    assert got.dtype == dtype and got.shape == (2, 3, 3, 5, 4)
+    rounding = np.finfo(dtype).eps * np.abs(partial).sum(axis=(1, 2, 7))
+    assert np.all(np.abs(got - expected) <= rounding + np.finfo(dtype).eps * np.abs(expected))

@@ -398,7 +398,7 @@ def conv_weight_grad(x, dy, k):
         return conv_weight_grad_plain(x, dy, k)
     xb, dyb = _in_whole_rows(x), _in_whole_rows(dy)
     partial = cpu_blocked.weight_grad_partials(xb, dyb, int(k), min(xb.shape[-1], LANE_CHUNK))
-    return partial.sum(axis=(1, 2, 7))
+    return cpu_blocked.sum_partials(partial)
 
 
 def conv_input_grad(dy, w):
