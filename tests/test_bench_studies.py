@@ -41,3 +41,19 @@ def test_fashion_study_on_synthetic_files(tmp_path):
     assert "| cinc (published, raster) |" in table and "| finc |" in table
     for name in ("fashion_curves.png", "fashion_samples.png"):
         assert (figures / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_conversion_shares_are_measured_and_the_functions_restored(monkeypatch):
+    """bench/conversions.py: the clock sees the layers' conversions (a positive share below
+    1 for a FInC flow, whose masked convs and coupling networks both convert) and puts the
+    original functions back afterwards."""
+    from bench import conversions, flow_timing
+    from nfcore.kernels import cpu
+    from nfcore.nn import network
+    monkeypatch.setitem(flow_timing.PRESETS, "tiny", dict(levels=2, steps=1, hidden=8, batch=4))
+    monkeypatch.setattr(conversions, "N_SAMPLES", 3)
+    before = (cpu.to_groups, network.channel_last)
+    (step_s, step_share), (sample_s, sample_share) = conversions.measure("tiny", "finc", 2)
+    assert step_s > 0 and sample_s > 0
+    assert 0 < step_share < 1 and 0 < sample_share < 1
+    assert (cpu.to_groups, network.channel_last) == before
