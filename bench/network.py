@@ -16,14 +16,15 @@ runs it), then each of its three convolutions alone (forward + backward on the i
 network gives it), with its rate in GFLOP/s: 3 · 2·B·H·W·C·O·k² flops (forward, dx, dweight).
 Every figure is the best of several runs in this one process, float32.
 
-``--torch``: the same network in PyTorch (torch.nn.functional.conv2d, autograd backward for x
-and every parameter, torch.set_num_threads = the same thread count), and nfcore / torch: above
-1 nfcore is slower. torch is never a dependency of nfcore; it is only imported here.
+``--torch``: the same network in PyTorch (torch.nn.functional.conv2d on channels-last tensors,
+oneDNN's fastest memory format at these shapes, autograd backward for x and every parameter,
+torch.set_num_threads = the same thread count), and nfcore / torch: above 1 nfcore is slower. torch is never a dependency of nfcore; it is only imported here.
 """
 import argparse
 import importlib.util
 import time
 
+import train  # noqa: F401  (first, before NumPy: OpenBLAS's idle wait as the command lines set it)
 import numba
 import numpy as np
 import threadpoolctl
@@ -99,12 +100,16 @@ def nfcore_times(net, x, rng):
 
 
 def torch_times(net, x, rng, threads):
-    """The same network and convs in PyTorch (NCHW), with net's parameters."""
+    """The same network and convs in PyTorch (channels-last), with net's parameters."""
     import torch
     import torch.nn.functional as F
     torch.set_num_threads(threads)
-    p = {name: torch.tensor(np.asarray(value), requires_grad=True) for name, value in net.params.items()}
-    xt = torch.tensor(x, requires_grad=True)
+
+    def tensor(value):
+        t = torch.tensor(np.asarray(value))
+        return t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t
+    p = {name: tensor(value).requires_grad_(True) for name, value in net.params.items()}
+    xt = tensor(x).requires_grad_(True)
 
     def forward(h):
         h = F.relu(F.conv2d(h, p["conv1.weight"], p["conv1.bias"], padding=1))
@@ -115,7 +120,7 @@ def torch_times(net, x, rng, threads):
         h1 = F.relu(F.conv2d(xt, p["conv1.weight"], p["conv1.bias"], padding=1))
         h2 = F.relu(F.conv2d(h1, p["conv2.weight"], p["conv2.bias"]))
         out_shape = forward(xt).shape
-    dh = torch.tensor(rng.standard_normal(out_shape).astype(np.float32))
+    dh = tensor(rng.standard_normal(out_shape).astype(np.float32))
 
     def network():
         forward(xt).backward(dh)
@@ -124,7 +129,7 @@ def torch_times(net, x, rng, threads):
         h = h.detach().requires_grad_(True)
         w, b = p[f"{name}.weight"], p[f"{name}.bias"]
         with torch.no_grad():
-            dy = torch.randn(F.conv2d(h, w, b, padding=w.shape[-1] // 2).shape)
+            dy = tensor(torch.randn(F.conv2d(h, w, b, padding=w.shape[-1] // 2).shape))
 
         def one_conv(h=h, w=w, b=b, dy=dy):
             F.conv2d(h, w, b, padding=w.shape[-1] // 2).backward(dy)
