@@ -35,39 +35,18 @@ def test_a_spin_count_the_user_set_is_kept():
     assert spin == "5"
 
 
-IDLE_CPU_AFTER_A_PRODUCT = """
-import sys, time
-import train                                   # sets OPENBLAS_THREAD_TIMEOUT before NumPy loads
-assert "numpy" not in sys.modules, "train imports NumPy before setting OPENBLAS_THREAD_TIMEOUT"
-import numpy as np, threadpoolctl
-threads = max(info["num_threads"] for info in threadpoolctl.threadpool_info()
-              if info["user_api"] == "blas")
-m = np.ones((512, 512), dtype=np.float32)
-m @ m
-burnt = []
-for _ in range(3):
-    time.sleep(0.2)
-    m @ m
-    start = time.process_time()
-    time.sleep(0.2)
-    burnt.append(time.process_time() - start)
-print(threads, min(burnt))
-"""
-
-
 def test_the_command_lines_let_openblas_workers_sleep_at_once():
     """Importing train (as every CLI does first) makes OpenBLAS's idle workers sleep right after
-    a product: the CPU time burnt in the 0.2 s after one is ~0 (~0.1 s per worker otherwise)."""
-    import os
-    env = {key: value for key, value in os.environ.items() if key != "OPENBLAS_THREAD_TIMEOUT"}
-    result = subprocess.run([sys.executable, "-c", IDLE_CPU_AFTER_A_PRODUCT], env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    threads, burnt = result.stdout.split()
-    if int(threads) < 2:
+    a product: the CPU time burnt in the 0.2 s after one is ~0 (~0.1 s per worker otherwise).
+    The probe is tests/test_fused_import_config.py's, with train imported instead of nfcore."""
+    from tests.test_fused_import_config import idle_cpu
+    _, threads, burnt = idle_cpu(
+        "import train\nassert 'numpy' not in sys.modules, "
+        "'train imports NumPy before setting OPENBLAS_THREAD_TIMEOUT'", environment_kept=False)
+    if threads < 2:
         import pytest
         pytest.skip("BLAS runs on one thread here: no idle workers to check")
-    assert float(burnt) < 0.03, f"OpenBLAS's workers burnt {burnt} s of CPU while idle"
+    assert burnt < 0.03, f"OpenBLAS's workers burnt {burnt} s of CPU while idle"
 
 
 def test_a_libgomp_loaded_before_nfcore_is_reported():
