@@ -10,7 +10,8 @@ File layout (HDF5, via h5py)::
     /optim/m/3/weight       ...
 
 Writing never lets HDF5 touch the disk: the whole file is built in memory (h5py on an
-``io.BytesIO``), so a failing write cannot crash the HDF5 library half-way. Its bytes go to a
+``io.BytesIO``), so a failing write cannot crash the HDF5 library half-way. Its bytes are written
+as every other output is (train/files.py, ``write_atomically``): to a
 temporary file in the destination folder with ordinary file I/O, are flushed to disk (fsync),
 renamed over the destination with ``os.replace`` (atomic on POSIX and Windows), and the folder
 is fsynced so that the rename itself is durable. A crash at any moment leaves either the
@@ -24,19 +25,17 @@ No random generator state is saved: train.run draws the batch of step s, its ord
 dequantization noise, from (seed, s) (data.Batches), so the config's seed and the step are all
 a resumed run needs (what a training checkpoint holds: train/session.py).
 """
-import errno
 import glob
 import io
 import json
 import os
-import tempfile
 
 import h5py
 import numpy as np
 
 from nfcore.backend import to_numpy
 
-from .files import TEMPORARY_SUFFIX, fsync_folder
+from .files import REASONS, TEMPORARY_SUFFIX, OutputWriteError, write_atomically
 
 FORMAT = "nfcore-checkpoint"
 FORMAT_VERSION = 2
@@ -82,30 +81,12 @@ def save_checkpoint(path, arrays, meta):
     meta_json = json.dumps(meta, default=_json_default)
 
     image = hdf5_image(host_arrays, meta_json)
-    folder = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(folder, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
-                                             suffix=TEMPORARY_SUFFIX, dir=folder)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_atomically(path, lambda file: file.write(image))
     except OSError as error:
-        raise CheckpointWriteError(path, error) from error
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(image)
-            file.flush()
-            os.fsync(file.fileno())             # the bytes are on the disk before the rename
-        os.replace(temporary, path)
-        fsync_folder(folder)                   # and so is the rename
-    except OSError as error:
-        raise CheckpointWriteError(path, error) from error
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-REASONS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-           errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file"}
+        refusal = error.__cause__ if isinstance(error, OutputWriteError) else error
+        raise CheckpointWriteError(path, refusal or error) from refusal
 
 
 class CheckpointWriteError(OSError):
