@@ -35,7 +35,7 @@ import numpy as np
 
 from nfcore.backend import to_numpy
 
-from .files import REASONS, TEMPORARY_SUFFIX, OutputWriteError, write_atomically
+from .files import TEMPORARY_SUFFIX, OutputWriteError, write_atomically
 
 FORMAT = "nfcore-checkpoint"
 FORMAT_VERSION = 2
@@ -85,21 +85,15 @@ def save_checkpoint(path, arrays, meta):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write_atomically(path, lambda file: file.write(image))
     except OSError as error:
-        refusal = error.__cause__ if isinstance(error, OutputWriteError) else error
-        raise CheckpointWriteError(path, refusal or error) from refusal
+        refusal = (error.__cause__ or error) if isinstance(error, OutputWriteError) else error
+        raise CheckpointWriteError(path, refusal) from refusal
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(OutputWriteError):
     """The file system refused a checkpoint; the previous one (if any) is kept."""
-
-    def __init__(self, path, error):
-        reason = REASONS.get(error.errno, error.strerror or str(error))
-        previous = ("the previous checkpoint is kept" if os.path.isfile(path)
-                    else "no earlier checkpoint exists")
-        super().__init__(error.errno, f"cannot save the checkpoint {path}: {reason}; {previous}")
-
-    def __str__(self):
-        return self.strerror
+    CANNOT = "cannot save the checkpoint {path}"
+    KEPT = "the previous checkpoint is kept"
+    NOTHING = "no earlier checkpoint exists"
 
 
 def hdf5_image(arrays, meta_json):

@@ -37,13 +37,17 @@ REASONS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quot
 
 
 class OutputWriteError(OSError):
-    """The file system refused an output file; the previous file (if any) is untouched."""
+    """The file system refused an output file; the previous file (if any) is untouched.
+    One line: what could not be done, the reason in words, what is left (the class attributes;
+    train/checkpoint.py's CheckpointWriteError words them for a checkpoint)."""
+    CANNOT = "cannot write {path}"
+    KEPT = "the previous file is kept"
+    NOTHING = "nothing was written"
 
     def __init__(self, path, error):
         reason = REASONS.get(error.errno, error.strerror or str(error))
-        previous = ("the previous file is kept" if os.path.isfile(path)
-                    else "nothing was written")
-        super().__init__(error.errno, f"cannot write {path}: {reason}; {previous}")
+        previous = self.KEPT if os.path.isfile(path) else self.NOTHING
+        super().__init__(error.errno, f"{self.CANNOT.format(path=path)}: {reason}; {previous}")
 
     def __str__(self):
         return self.strerror
