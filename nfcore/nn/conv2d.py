@@ -48,7 +48,7 @@ Expanding the smaller side still wins at every shape of the coupling networks. M
 **The direct convolution** (conv2d_direct.py) replaces these products for the forward and
 the input gradient of a k×k convolution (k > 1) of NumPy arrays whose output channels fill
 their SIMD rows (``conv2d_direct.fills_its_rows``): a register-blocked kernel with no patch
-matrix, 1.2-1.5× faster at the coupling networks' shapes. The products above remain for the
+matrix, its forward 1.2-1.8× faster at the coupling networks' shapes. The products remain for the
 weight gradient (a sum over every pixel, a GEMM's best shape), for 1×1 convolutions, narrow
 outputs and CuPy arrays, and as the direct kernel's reference (``DIRECT = False``).
 
