@@ -296,3 +296,31 @@ def test_a_batch_smaller_than_the_ranks_is_refused_at_start_up(tmp_path):
     assert done.returncode != 0
     assert "--batch-size 1 is split over 2 ranks" in done.stderr, done.stderr
     assert "empty dimension" not in done.stderr
+
+
+def test_an_expected_error_on_one_rank_ends_the_job_in_the_command_lines_words():
+    """abort_on_error: a failure the command lines report in one line (an own check's
+    ValueError) reaches MPI_Abort in the same words, without its type name; a bug (an error
+    raised inside NumPy) keeps its type."""
+    import numpy as np
+
+    from train import cli, distributed
+
+    class Communicator:
+        aborted = None
+
+        def abort(self, message, code=1):
+            self.aborted = (message, code)
+
+    communicator = Communicator()
+    with distributed.abort_on_error(communicator):
+        cli.limit_blas_threads(0)
+    message, code = communicator.aborted
+    assert code == 1 and not message.startswith("ValueError")
+    try:
+        cli.limit_blas_threads(0)
+    except ValueError as error:
+        assert message == str(error)
+    with distributed.abort_on_error(communicator):
+        np.zeros((2, 3)) + np.zeros((2, 4))
+    assert communicator.aborted[0].startswith("ValueError: operands could not be broadcast")

@@ -53,6 +53,8 @@ from nfcore.conditioning import InverseAccuracyError
 from nfcore.layers import NonFiniteError
 from nfcore.layers.actnorm import moments_from
 
+from . import cli
+
 MPI_MISSING = ("--distributed needs mpi4py and an MPI library: pip install -e \".[mpi]\" "
                "(mpi4py and the MPICH wheel), then start it with mpiexec -n N python -m train.run "
                "--distributed ...")
@@ -355,4 +357,6 @@ def abort_on_error(communicator):
     except KeyboardInterrupt:
         communicator.abort("interrupted", 130)
     except BaseException as error:          # noqa: B036 -- any failure must end every rank
-        communicator.abort(f"{type(error).__name__}: {error}")
+        # an expected failure in the command lines' words (train/cli.py), a bug with its type
+        expected = isinstance(error, Exception) and cli.is_expected(error)
+        communicator.abort(cli.describe(error) if expected else f"{type(error).__name__}: {error}")
