@@ -37,40 +37,46 @@ SHAPES = [(3, 5, 7, 6, 64, 3), (2, 16, 16, 64, 12, 3), (2, 4, 4, 24, 64, 3), (1,
 @pytest.mark.parametrize("B,H,W,C,O,k", SHAPES, ids=str)
 def test_direct_convolution_and_its_input_gradient_match_a_dense_loop(B, H, W, C, O, k, dtype,
                                                                       tolerance):
-    """Edges (1×1 images, images narrower than the kernel), every block width of a row (W = 30:
-    16 + 12 + 2 pixels), output channels that fill 1 to 4 rows or part of one, 1×1 to 5×5.
-    The input gradient is checked as the adjoint: <dy, conv(x)> = <dx(dy), x> for the dense
+    """Both kernels (rows of output channels, and the output side: k·k·O products per pixel
+    gathered back), and both input gradients. Edges (1×1 images, images narrower than the
+    kernel), every block width of a row (W = 30: 16 + 12 + 2 pixels), output channels that fill
+    1 to 4 rows or part of one, 1×1 to 5×5. The input gradient is checked as the adjoint: <dy, conv(x)> = <dx(dy), x> for the dense
     loop's conv, so it is compared with nothing of the kernel's own making."""
     rng = np.random.default_rng(B * 1000 + H * 100 + W)
     x = rng.standard_normal((B, H, W, C)).astype(dtype)
     weight = rng.standard_normal((O, C, k, k)).astype(dtype)
     dy = rng.standard_normal((B, H, W, O)).astype(dtype)
     expected = dense_conv(x, weight)
-    y = direct.conv2d_direct(x, weight)
-    assert y.dtype == dtype and y.shape == (B, H, W, O) and y.flags.c_contiguous
-    np.testing.assert_allclose(y, expected, rtol=0, atol=tolerance * np.abs(expected).max())
-    dx = direct.conv2d_direct_input_grad(dy, weight)
-    assert dx.shape == x.shape and dx.flags.c_contiguous
-    # dx = J^T dy for the linear map x -> dense_conv(x): <dy, J v> = <dx, v> for random v.
-    for probe in rng.standard_normal((5,) + x.shape):
-        left = float(np.sum(dy.astype(np.float64) * dense_conv(probe, weight)))
-        right = float(np.sum(dx.astype(np.float64) * probe))
-        scale = float(np.sum(np.abs(dx.astype(np.float64) * probe)))
-        assert abs(left - right) <= 10 * tolerance * scale, (left, right)
+    for forward in (direct.conv2d_direct, direct.conv2d_direct_output_side):
+        y = forward(x, weight)
+        assert y.dtype == dtype and y.shape == (B, H, W, O) and y.flags.c_contiguous
+        np.testing.assert_allclose(y, expected, rtol=0, atol=tolerance * np.abs(expected).max())
+    probes = rng.standard_normal((5,) + x.shape)
+    for input_grad in (direct.conv2d_direct_input_grad,
+                       direct.conv2d_direct_output_side_input_grad):
+        dx = input_grad(dy, weight)
+        assert dx.shape == x.shape and dx.flags.c_contiguous
+        # dx = J^T dy for the linear map x -> dense_conv(x): <dy, J v> = <dx, v> for random v.
+        for probe in probes:
+            left = float(np.sum(dy.astype(np.float64) * dense_conv(probe, weight)))
+            right = float(np.sum(dx.astype(np.float64) * probe))
+            scale = float(np.sum(np.abs(dx.astype(np.float64) * probe)))
+            assert abs(left - right) <= 10 * tolerance * scale, (left, right)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_direct_convolution_is_the_im2col_one(dtype):
-    """At the coupling networks' shapes the direct kernel and the im2col products (its
+    """At the coupling networks' shapes the direct kernels and the im2col products (their
     reference, conv2d.DIRECT = False) agree to rounding."""
     rng = np.random.default_rng(3)
-    for C, O, H in [(6, 64, 16), (64, 12, 16), (12, 64, 8), (64, 48, 4)]:
+    for C, O, H in [(6, 64, 16), (64, 12, 16), (12, 64, 8), (64, 48, 4), (64, 24, 8)]:
         x = rng.standard_normal((7, H, H, C)).astype(dtype)
         weight = rng.standard_normal((O, C, 3, 3)).astype(dtype)
         reference = conv2d.conv_forward_input_side(x, weight)
         tolerance = 1e-5 if dtype == np.float32 else 1e-13
-        np.testing.assert_allclose(direct.conv2d_direct(x, weight), reference, rtol=0,
-                                   atol=tolerance * np.abs(reference).max())
+        for forward in (direct.conv2d_direct, direct.conv2d_direct_output_side):
+            np.testing.assert_allclose(forward(x, weight), reference, rtol=0,
+                                       atol=tolerance * np.abs(reference).max())
 
 
 def test_results_do_not_depend_on_threads_or_on_the_other_images():
@@ -89,19 +95,31 @@ def test_results_do_not_depend_on_threads_or_on_the_other_images():
         numba.set_num_threads(before)
     np.testing.assert_array_equal(one, many)
     np.testing.assert_array_equal(direct.conv2d_direct(x[4:5], weight), one[4:5])
+    narrow = rng.standard_normal((12, 64, 3, 3)).astype(np.float32)
+    wide_x = rng.standard_normal((9, 8, 8, 64)).astype(np.float32)
+    try:
+        numba.set_num_threads(1)
+        one = direct.conv2d_direct_output_side(wide_x, narrow)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        many = direct.conv2d_direct_output_side(wide_x, narrow)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(one, many)
+    np.testing.assert_array_equal(direct.conv2d_direct_output_side(wide_x[2:3], narrow), one[2:3])
 
 
-@pytest.mark.parametrize("C,O", [(6, 64), (64, 12), (12, 16), (64, 6)])
+@pytest.mark.parametrize("C,O", [(6, 64), (64, 12), (12, 16), (64, 6), (160, 8), (8, 160)])
 def test_conv2d_gradients_with_the_direct_kernel_match_finite_differences(C, O):
-    """Conv2d (which now picks the direct kernel for its forward and, where the input's
-    channels fill their rows, its input gradient) against float64 directional finite
-    differences of its own forward, for dx and dweight."""
+    """Conv2d (which picks a direct kernel for its forward and its input gradient:
+    ``conv2d_direct.method``; these shapes take each kernel each way) against float64
+    directional finite differences of its own forward, for dx and dweight."""
     rng = np.random.default_rng(C + O)
     conv = Conv2d(O, 3, in_channels=C, dtype=np.float64, seed=1)
     conv.params["bias"][:] = rng.standard_normal(O)
     x = rng.standard_normal((2, 5, 6, C))
     dy = rng.standard_normal((2, 5, 6, O))
-    assert conv._direct(x, O) == direct.fills_its_rows(O, 8)
+    assert conv._direct_method(x, C, O) == direct.method(C, O, 8) is not None
+    assert conv._direct_method(x, O, C) == direct.method(O, C, 8) is not None
     conv.zero_grad()
     conv.forward(x)
     dx = conv.backward(dy)
@@ -122,15 +140,26 @@ def test_conv2d_gradients_with_the_direct_kernel_match_finite_differences(C, O):
         assert abs(numeric - np.sum(dweight * u)) <= 1e-7 * (1 + abs(numeric))
 
 
-def test_which_convolutions_take_the_direct_kernel():
-    """Whole rows of lanes or one row at least 3/4 full; never 1×1 convolutions (one GEMM)."""
+def test_which_convolutions_take_the_direct_kernels():
+    """Outputs that fill their rows (whole rows, or one row at least 3/4 full) from inputs not
+    8× wider: the rows kernel; other narrower outputs: the output side; never 1×1 convolutions
+    (one GEMM) nor with conv2d.DIRECT off."""
     lanes = direct.ROW_BYTES // 4
     assert direct.fills_its_rows(64, 4) and direct.fills_its_rows(lanes, 4)
     assert direct.fills_its_rows(3 * lanes // 4, 4)
     assert not direct.fills_its_rows(6, 4) and not direct.fills_its_rows(lanes + 8, 4)
+    assert direct.method(6, 64, 4) == "direct" and direct.method(64, 12, 4) == "direct"
+    assert direct.method(64, 6, 4) == "output_side" and direct.method(512, 12, 4) == "output_side"
+    assert direct.method(3, 6, 4) is None
     x = np.zeros((1, 4, 4, 64), dtype=np.float32)
-    assert not Conv2d(64, 1, in_channels=64)._direct(x, 64)
-    assert Conv2d(64, 3, in_channels=64)._direct(x, 64)
+    assert Conv2d(64, 1, in_channels=64)._direct_method(x, 64, 64) is None
+    assert Conv2d(64, 3, in_channels=64)._direct_method(x, 64, 64) == "direct"
+    conv2d_off = Conv2d(64, 3, in_channels=64)
+    try:
+        conv2d.DIRECT = False
+        assert conv2d_off._direct_method(x, 64, 64) is None
+    finally:
+        conv2d.DIRECT = True
 
 
 def test_the_block_compiles_to_simd_fused_multiply_adds():

@@ -45,12 +45,13 @@ Expanding the smaller side still wins at every shape of the coupling networks. M
     B = 64,  4×4    24 -> 64     input side   1.1    output side   1.3
     B = 16,  4×4   512 -> 48     input side   5.1    output side   4.4
 
-**The direct convolution** (conv2d_direct.py) replaces these products for the forward and
-the input gradient of a k×k convolution (k > 1) of NumPy arrays whose output channels fill
-their SIMD rows (``conv2d_direct.fills_its_rows``): a register-blocked kernel with no patch
-matrix, its forward 1.2-1.8× faster at the coupling networks' shapes. The products remain for the
-weight gradient (a sum over every pixel, a GEMM's best shape), for 1×1 convolutions, narrow
-outputs and CuPy arrays, and as the direct kernel's reference (``DIRECT = False``).
+**The direct convolutions** (conv2d_direct.py) replace these products for the forward and the
+input gradient of a k×k convolution (k > 1) of NumPy arrays: register-blocked kernels with no
+patch matrix, one for outputs that fill the SIMD rows, one by the output side for narrow
+outputs (``conv2d_direct.method`` chooses, by measurement), 1.1-1.8× faster at the coupling
+networks' shapes. The products remain for the weight gradient (a sum over every pixel, a
+GEMM's best shape), for 1×1 convolutions and CuPy arrays, and as the direct kernels'
+reference (``DIRECT = False``).
 
 Only x is cached: the patch matrix is rebuilt in backward, as it is up to k² times larger than
 x, and a flow of many couplings would otherwise hold all of them at once. The weight's two GEMM
@@ -62,7 +63,7 @@ import numpy as np
 
 from ..backend import default_array_module, get_array_module, is_cupy_array
 from ..layers.base import Layer, check_gradient
-from .conv2d_direct import conv2d_direct, conv2d_direct_input_grad, fills_its_rows
+from . import conv2d_direct as direct
 from .patches import col2im, col2im_into, im2col, im2col_into
 
 # Blocking (NumPy arrays, Numba on one thread): the expanded matrix (im2col's cols, or the
@@ -79,8 +80,8 @@ from .patches import col2im, col2im_into, im2col, im2col_into
 # whole batch, as CuPy arrays always do).
 BLOCK_BYTES = 512 * 1024
 BLOCK_THREADS = 1
-# The direct convolution (conv2d_direct.py) for k > 1 where its output fills its SIMD rows
-# (``fills_its_rows``); False: the im2col products everywhere (their reference).
+# The direct convolutions (conv2d_direct.py) for k > 1, as ``direct.method`` chooses; False:
+# the im2col products everywhere (their reference).
 DIRECT = True
 
 
@@ -260,10 +261,13 @@ class Conv2d(Layer):
         """True: expand the input side (k·k·C columns), else the output side (k·k·O)."""
         return self.channels <= self.out_channels
 
-    def _direct(self, x, n_out):
-        """True: the direct convolution (conv2d_direct.py) for an output of ``n_out`` channels
-        from x; else the im2col products (CuPy arrays, 1×1 convolutions, narrow outputs)."""
-        return DIRECT and self.k > 1 and not is_cupy_array(x) and fills_its_rows(n_out, x.itemsize)
+    def _direct_method(self, x, n_in, n_out):
+        """"direct", "output_side" (the kernels of conv2d_direct.py) or None (the im2col
+        products: CuPy arrays, 1×1 convolutions, ``DIRECT`` False) for a convolution of x's
+        dtype from n_in to n_out channels (``direct.method``)."""
+        if not DIRECT or self.k == 1 or is_cupy_array(x):
+            return None
+        return direct.method(n_in, n_out, x.itemsize)
 
     def forward_linear(self, x):
         """The convolution of x (B, H, W, C) without the bias: a fresh array y (B, H, W, O),
@@ -275,8 +279,11 @@ class Conv2d(Layer):
             self._build(x.shape[3], xp, self.dtype or x.dtype)
         x = xp.ascontiguousarray(x)
         weight = self.params["weight"].astype(x.dtype, copy=False)
-        if self._direct(x, self.out_channels):
-            y = conv2d_direct(x, weight)
+        method = self._direct_method(x, self.channels, self.out_channels)
+        if method == "direct":
+            y = direct.conv2d_direct(x, weight)
+        elif method == "output_side":
+            y = direct.conv2d_direct_output_side(x, weight)
         elif self._expand_input():
             y = conv_forward_input_side(x, weight)
         else:
@@ -298,13 +305,15 @@ class Conv2d(Layer):
         check_gradient(dy, None if x is None else x.shape[:3] + (self.out_channels,))
         dy = get_array_module(x).ascontiguousarray(dy, dtype=x.dtype)
         weight = self.params["weight"].astype(x.dtype, copy=False)
-        direct = self._direct(x, self.channels)
+        method = self._direct_method(x, self.out_channels, self.channels)   # dy -> dx
         if self._expand_input():
-            dx, dweight = conv_backward_input_side(dy, x, weight, input_grad=not direct)
+            dx, dweight = conv_backward_input_side(dy, x, weight, input_grad=method is None)
         else:
-            dx, dweight = conv_backward_output_side(dy, x, weight, input_grad=not direct)
-        if direct:
-            dx = conv2d_direct_input_grad(dy, weight)
+            dx, dweight = conv_backward_output_side(dy, x, weight, input_grad=method is None)
+        if method == "direct":
+            dx = direct.conv2d_direct_input_grad(dy, weight)
+        elif method == "output_side":
+            dx = direct.conv2d_direct_output_side_input_grad(dy, weight)
         self.grads["weight"] += dweight
         return dx
 

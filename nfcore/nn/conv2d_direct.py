@@ -56,13 +56,34 @@ def padded_channels(n_channels, itemsize):
 
 
 def fills_its_rows(n_channels, itemsize):
-    """True where the direct convolution beats the im2col products for an output of
-    ``n_channels`` channels: whole rows of lanes, or a single row at least 3/4 full (12 of 16
-    float32 lanes: the last conv of a 6-channel coupling). Measured on the 2-core AVX-512
-    machine, one thread, 101 images (ms, im2col / direct): 6->64 16² 2.95 / 1.92, 64->12 16²
-    5.95 / 5.06, 64->24 8² (2 rows, 3/4 full) 2.22 / 2.42."""
+    """True when ``n_channels`` output channels fill the direct kernel's SIMD rows: whole rows
+    of lanes, or a single row at least 3/4 full (12 of 16 float32 lanes: the last conv of a
+    6-channel coupling)."""
     lanes = ROW_BYTES // itemsize
     return n_channels % lanes == 0 or (n_channels < lanes and 4 * n_channels >= 3 * lanes)
+
+
+def method(n_in, n_out, itemsize):
+    """Which kernel computes a k×k convolution (k > 1) from n_in to n_out channels:
+
+    "direct"       ``conv2d_direct``: n_out fills its rows, and n_in is not far wider
+                   (n_in < 8·n_out, or n_in <= n_out);
+    "output_side"  ``conv2d_direct_output_side``: n_in > n_out otherwise (narrow or much
+                   narrower outputs: the k·k·n_out products of a pixel fill the rows);
+    None           the im2col products (n_in <= n_out and n_out narrow).
+
+    Measured on the 2-core AVX-512 machine (forward, ms, im2col / direct / output side):
+    one thread, 101 images: 64->12 16² 6.17 / 5.19 / 5.32, 64->24 8² 2.25 / 2.43 / 2.08,
+    64->48 4² 1.04 / 0.92 / 1.01, 512->12 16² 38.8 / 40.2 / 31.8, 512->48 4² 8.43 / 10.4 / 7.62;
+    two threads, 16 images: 512->12 16² 3.48 / 3.42 / 2.87, 512->24 8² 1.89 / 2.26 / 1.77. The
+    input gradient is the same choice with the roles exchanged (n_out -> n_in): the coupling
+    networks' first conv (6 -> 64) gets its dx by the output side in 1.32 ms against 1.80 ms for
+    the GEMM and col2im (two threads, 64 images, 16²)."""
+    if fills_its_rows(n_out, itemsize) and (n_in <= n_out or n_in < 8 * n_out):
+        return "direct"
+    if n_in > n_out:
+        return "output_side"
+    return None
 
 
 def pack_weight(weight, dtype):
@@ -161,15 +182,12 @@ def _pixels_of_1_row(y, xs, w, n, i, j0, o0, left):
 
 
 @njit(cache=True)
-def _conv_image(y, x, w, n, xs):
-    """Image n: copied into the zero-bordered scratch xs, then every row, the output channels
-    in blocks of 4 rows (then 2, 1), the pixels of each in blocks as wide as fit."""
-    _, H, W, C = x.shape
-    p = w.shape[0] // 2
-    lanes = ROW_BYTES // x.itemsize
+def _conv_rows(y, xs, w, n):
+    """Every row of y[n] from the zero-bordered image xs: the output channels in blocks of 4
+    rows (then 2, 1), the pixels of each in blocks as wide as fit."""
+    H, W = y.shape[1], y.shape[2]
+    lanes = ROW_BYTES // xs.itemsize
     n_rows = w.shape[3] // lanes
-    xs[:] = 0
-    xs[p:p + H, p:p + W, :] = x[n]
     for i in range(H):
         row = 0
         while row < n_rows:
@@ -185,6 +203,16 @@ def _conv_image(y, x, w, n, xs):
             row += R
 
 
+@njit(cache=True)
+def _conv_image(y, x, w, n, xs):
+    """Image n: copied into the zero-bordered scratch xs, then every row (``_conv_rows``)."""
+    _, H, W, _ = x.shape
+    p = w.shape[0] // 2
+    xs[:] = 0
+    xs[p:p + H, p:p + W, :] = x[n]
+    _conv_rows(y, xs, w, n)
+
+
 @njit(parallel=True, cache=True)
 def conv_forward(x, w):
     """y (B, H, W, O_pad) from C-contiguous x (B, H, W, C) and w (k, k, C, O_pad) of x's dtype;
@@ -198,6 +226,41 @@ def conv_forward(x, w):
     return y
 
 
+@njit(parallel=True, cache=True)
+def conv_forward_output_side(x, v, k, n_out):
+    """y (B, H, W, n_out) from C-contiguous x (B, H, W, C) and v (1, 1, C, Z_pad), v[0, 0, c,
+    (a, b, o)] = weight[o, c, k-1-a, k-1-b] (zero beyond k·k·n_out); parallel over the images.
+    Image by image: z = x[n] @ v by the register blocks (a 1×1 convolution into a scratch of
+    H·W·Z_pad values, which stays in cache), then y[n, i, j, o] = sum over the taps (a, b), in
+    order, of z[i+p-a, j+p-b, (a, b, o)] (col2im's gather)."""
+    B, H, W, C = x.shape
+    p = k // 2
+    y = np.empty((B, H, W, n_out), dtype=x.dtype)
+    for n in prange(B):
+        z = np.empty((1, H, W, v.shape[3]), dtype=x.dtype)
+        _conv_rows(z, x[n], v, 0)
+        _gather_taps(y[n], z[0], k)
+    return y
+
+
+@njit(cache=True)
+def _gather_taps(y, z, k):
+    """y[i, j, o] = sum over the taps (a, b) inside the image, in order, of
+    z[i+p-a, j+p-b, (a, b, o)]; y (H, W, O), z (H, W, ≥ k·k·O)."""
+    H, W, n_out = y.shape
+    p = k // 2
+    y[:] = 0
+    for a in range(k):
+        for b in range(k):
+            first = (a * k + b) * n_out
+            for i in range(max(0, a - p), min(H, H + a - p)):
+                for j in range(max(0, b - p), min(W, W + b - p)):
+                    source = z[i + p - a, j + p - b]
+                    target = y[i, j]
+                    for o in range(n_out):
+                        target[o] += source[first + o]
+
+
 def _first_channels(y, n_channels):
     return y if y.shape[3] == n_channels else np.ascontiguousarray(y[..., :n_channels])
 
@@ -209,7 +272,23 @@ def conv2d_direct(x, weight):
     return _first_channels(conv_forward(np.ascontiguousarray(x), w), weight.shape[0])
 
 
+def conv2d_direct_output_side(x, weight):
+    """y (B, H, W, O), the convolution of x (B, H, W, C) with weight (O, C, k, k) without bias,
+    as ``conv_forward_output_side`` computes it: for narrow outputs (C > O), whose k·k·O
+    products per pixel fill the SIMD rows that O alone would not."""
+    O, C, k, _ = weight.shape
+    v = np.zeros((1, 1, C, padded_channels(k * k * O, x.itemsize)), dtype=x.dtype)
+    v[0, 0, :, :k * k * O] = weight[:, :, ::-1, ::-1].transpose(1, 2, 3, 0).reshape(C, k * k * O)
+    return conv_forward_output_side(np.ascontiguousarray(x), v, k, O)
+
+
 def conv2d_direct_input_grad(dy, weight):
     """dx (B, H, W, C) of the convolution with weight (O, C, k, k), from dy (B, H, W, O)."""
     w = pack_weight_for_input_grad(weight, dy.dtype)
     return _first_channels(conv_forward(np.ascontiguousarray(dy), w), weight.shape[1])
+
+
+def conv2d_direct_output_side_input_grad(dy, weight):
+    """``conv2d_direct_input_grad`` by the output side: the convolution of dy with
+    w'[c, o, a, b] = weight[o, c, k-1-a, k-1-b] (for a narrow input, C < O)."""
+    return conv2d_direct_output_side(dy, weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
