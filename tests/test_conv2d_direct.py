@@ -79,33 +79,30 @@ def test_direct_convolution_is_the_im2col_one(dtype):
                                        atol=tolerance * np.abs(reference).max())
 
 
-def test_results_do_not_depend_on_threads_or_on_the_other_images():
-    """Every output gets the same operations in the same order: bit for bit the same on 1 and 2
-    threads, and an image alone gets exactly what it gets inside a batch."""
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((9, 16, 16, 12)).astype(np.float32)
-    weight = rng.standard_normal((64, 12, 3, 3)).astype(np.float32)
+def on_one_and_all_threads(function, *args):
+    """(function(*args) on one Numba thread, the same on all of them)."""
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        one = direct.conv2d_direct(x, weight)
+        one = function(*args)
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        many = direct.conv2d_direct(x, weight)
+        return one, function(*args)
     finally:
         numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kernel,C,O", [("conv2d_direct", 12, 64),
+                                        ("conv2d_direct_output_side", 64, 12)])
+def test_results_do_not_depend_on_threads_or_on_the_other_images(kernel, C, O):
+    """Every output gets the same operations in the same order: bit for bit the same on 1 and 2
+    threads, and an image alone gets exactly what it gets inside a batch."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((9, 16, 16, C)).astype(np.float32)
+    weight = rng.standard_normal((O, C, 3, 3)).astype(np.float32)
+    convolution = getattr(direct, kernel)
+    one, many = on_one_and_all_threads(convolution, x, weight)
     np.testing.assert_array_equal(one, many)
-    np.testing.assert_array_equal(direct.conv2d_direct(x[4:5], weight), one[4:5])
-    narrow = rng.standard_normal((12, 64, 3, 3)).astype(np.float32)
-    wide_x = rng.standard_normal((9, 8, 8, 64)).astype(np.float32)
-    try:
-        numba.set_num_threads(1)
-        one = direct.conv2d_direct_output_side(wide_x, narrow)
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        many = direct.conv2d_direct_output_side(wide_x, narrow)
-    finally:
-        numba.set_num_threads(before)
-    np.testing.assert_array_equal(one, many)
-    np.testing.assert_array_equal(direct.conv2d_direct_output_side(wide_x[2:3], narrow), one[2:3])
+    np.testing.assert_array_equal(convolution(x[4:5], weight), one[4:5])
 
 
 @pytest.mark.parametrize("C,O", [(6, 64), (64, 12), (12, 16), (64, 6), (160, 8), (8, 160)])

@@ -19,13 +19,13 @@ previous checkpoint or the new one, never half a file. When the file system says
 read-only, no permission) ``save_checkpoint`` removes its temporary file and raises
 ``CheckpointWriteError`` (an OSError) with one line naming the file and the reason; the previous
 checkpoint is untouched. A temporary file left by a killed process is removed by
-``remove_stale_temporaries``, which train.run calls on start-up.
+``remove_stale_temporaries`` (train.run removes every temporary file of its folder on start-up,
+``files.remove_temporaries``).
 
 No random generator state is saved: train.run draws the batch of step s, its order and its
 dequantization noise, from (seed, s) (data.Batches), so the config's seed and the step are all
 a resumed run needs (what a training checkpoint holds: train/session.py).
 """
-import glob
 import io
 import json
 import os
@@ -35,7 +35,7 @@ import numpy as np
 
 from nfcore.backend import to_numpy
 
-from .files import TEMPORARY_SUFFIX, OutputWriteError, write_atomically
+from .files import OutputWriteError, remove_temporaries, write_atomically
 
 FORMAT = "nfcore-checkpoint"
 FORMAT_VERSION = 2
@@ -112,16 +112,7 @@ def hdf5_image(arrays, meta_json):
 def remove_stale_temporaries(path):
     """Remove temporary files that a killed ``save_checkpoint(path, ...)`` left behind.
     Returns the removed paths. Call it only while no other process saves to ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    pattern = os.path.join(glob.escape(folder), f".{glob.escape(os.path.basename(path))}.*{TEMPORARY_SUFFIX}")
-    removed = []
-    for stale in glob.glob(pattern):
-        try:
-            os.remove(stale)
-            removed.append(stale)
-        except FileNotFoundError:
-            pass
-    return removed
+    return remove_temporaries(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
 
 
 def load_checkpoint(path, expected=None):

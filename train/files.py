@@ -125,11 +125,13 @@ def fsync_folder(folder):
         os.close(handle)
 
 
-def remove_temporaries(folder):
+def remove_temporaries(folder, name=None):
     """Remove the temporary files (``.<name>.<random>.tmp``) that killed writes left in
-    ``folder``; returns their paths. Call it only while holding the folder's lock."""
+    ``folder`` (only those of the file ``name`` when given); returns their paths. Call it only
+    while holding the folder's lock (or while no other process writes that file)."""
+    stem = "*" if name is None else f"{glob.escape(name)}.*"
     removed = []
-    for stale in glob.glob(os.path.join(glob.escape(folder), f".*{TEMPORARY_SUFFIX}")):
+    for stale in glob.glob(os.path.join(glob.escape(folder), f".{stem}{TEMPORARY_SUFFIX}")):
         try:
             os.remove(stale)
             removed.append(stale)
