@@ -119,7 +119,7 @@ def _conv_block(y, xs, w, n, i, j0, o0, acc):
 
 @njit(inline="always")
 def _pixels_of_4_rows(y, xs, w, n, i, j0, o0, left):
-    """A block of 4 rows of channels: P = 6, 4, 2 or 1 pixels (the most of them <= ``left``);
+    """A block of 4 rows of channels: P = 6, 4, 3, 2 or 1 pixels (the most of them <= ``left``);
     returns P. With 32-byte rows (AVX2), 3, 2 or 1 pixels."""
     if AVX512 and left >= 6:
         _conv_block(y, xs, w, n, i, j0, o0, outer_zeros(xs, 6, 4, ROW_BYTES))
@@ -277,8 +277,9 @@ def conv2d_direct_output_side(x, weight):
     as ``conv_forward_output_side`` computes it: for narrow outputs (C > O), whose k·k·O
     products per pixel fill the SIMD rows that O alone would not."""
     O, C, k, _ = weight.shape
-    v = np.zeros((1, 1, C, padded_channels(k * k * O, x.itemsize)), dtype=x.dtype)
-    v[0, 0, :, :k * k * O] = weight[:, :, ::-1, ::-1].transpose(1, 2, 3, 0).reshape(C, k * k * O)
+    # V (C, k·k·O), V[c, (a, b, o)] = weight[o, c, k-1-a, k-1-b], packed as a 1×1 convolution
+    V = weight[:, :, ::-1, ::-1].transpose(1, 2, 3, 0).reshape(C, k * k * O)
+    v = pack_weight(V.T[:, :, None, None], x.dtype)
     return conv_forward_output_side(np.ascontiguousarray(x), v, k, O)
 
 
